@@ -1,0 +1,232 @@
+"""The base datamodule every sobre dataset extends, the dataset registry, seeded split helpers."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from sobre.core.errors import ConfigError
+from sobre.core.registry import Registry
+from sobre.data.sampler import EpochSampler
+
+__all__ = [
+    "DATASETS",
+    "SobreDataModule",
+    "Splits",
+    "carve_sizes",
+    "check_fractions",
+    "check_int",
+    "datamodule_parameters",
+    "default_data_root",
+    "stratified_split",
+]
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[Tensor, Tensor]
+Splits = tuple[Dataset[Sample], Dataset[Sample], Dataset[Sample]]
+"""The (train, val, test) datasets of every factory; items are ``(input, label)`` tensors."""
+
+
+def default_data_root() -> Path:
+    """Where local datasets live: ``$SOBRE_DATA_DIR`` if set, else ``~/.cache/sobre/data``."""
+    env = os.environ.get("SOBRE_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sobre" / "data"
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int ``>= minimum``, else a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. "
+                          f"{name}={max(minimum, 1)}")
+    return value
+
+
+def check_fractions(**fractions: float) -> None:
+    """Raise a :class:`ConfigError` unless each fraction is in (0, 1) and they sum below 1."""
+    for key, fraction in fractions.items():
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            0.0 < fraction < 1.0
+        ):
+            raise ConfigError(f"{key} must be a fraction in (0, 1), got {fraction!r}; "
+                              f"pass e.g. {key}=0.1")
+    if sum(fractions.values()) >= 1.0:
+        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in fractions.items())} leave no "
+                          "training data; make them sum below 1")
+
+
+def carve_sizes(n: int, **fractions: float) -> list[int]:
+    """Split sizes ``[rest, round(f1 * n), ...]`` for ``n`` items and the named fractions.
+
+    Raises:
+        ConfigError: a fraction is outside (0, 1), or a split would be empty.
+    """
+    check_fractions(**fractions)
+    sizes = [round(fraction * n) for fraction in fractions.values()]
+    if min(sizes) < 1 or n - sum(sizes) < 1:
+        raise ConfigError(f"{n} samples are too few to carve {fractions} with every split "
+                          "non-empty; use more data or larger fractions")
+    return [n - sum(sizes), *sizes]
+
+
+def stratified_split(labels: Tensor, sizes: Sequence[int], seed: int) -> list[Tensor]:
+    """Seeded, class-balanced split of ``range(len(labels))`` into sorted index chunks of ``sizes``.
+
+    The indices are shuffled, then ordered by their rank within their class divided by the class
+    count, so every contiguous chunk holds each class in (rounded) proportion.
+
+    Args:
+        labels: integer class labels, shape ``(n,)``.
+        sizes: chunk sizes, summing to ``n``.
+        seed: seed of the shuffle; the same seed gives the same split.
+    """
+    n = len(labels)
+    if sum(sizes) != n:
+        raise ConfigError(f"split sizes {list(sizes)} must sum to the {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm].long()
+    counts = torch.bincount(shuffled)
+    by_class = torch.argsort(shuffled, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[by_class] = torch.arange(n) - starts[shuffled[by_class]]
+    key = (rank.double() + 0.5) / counts[shuffled].double()
+    ordered = perm[torch.argsort(key, stable=True)]
+    return [chunk.sort().values for chunk in torch.split(ordered, list(sizes))]
+
+
+class SobreDataModule(pl.LightningDataModule):
+    """Base of every sobre datamodule: seeded splits, exact-resume shuffling, model-facing shapes.
+
+    Subclasses set ``name`` (class attribute) and, in ``__init__``, ``num_classes``,
+    ``input_shape`` and ``class_names``; they implement :meth:`build`. Datasets are built lazily
+    by :meth:`setup` (or the first ``*_dataset`` access) and kept.
+
+    Args:
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        seed: the training seed: shuffling order and augmentation, not the split.
+        pin_memory: pin batches in page-locked memory for faster GPU copies.
+    """
+
+    name: str = ""
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.seed = check_int("seed", seed, 0)
+        self.pin_memory = bool(pin_memory)
+        self._splits: Splits | None = None
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of one sample (``input_shape[0]``)."""
+        return self.input_shape[0]
+
+    def build(self) -> Splits:
+        """Build the (train, val, test) datasets; every subclass implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build()")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets once (every stage shares them)."""
+        if self._splits is None:
+            self._splits = self.build()
+            log.info("%s: %d train, %d val, %d test samples", self.name,
+                     *(len(s) for s in self._splits))  # type: ignore[arg-type]
+
+    def _built(self) -> Splits:
+        self.setup()
+        assert self._splits is not None
+        return self._splits
+
+    @property
+    def train_dataset(self) -> Dataset[Sample]:
+        """The training split."""
+        return self._built()[0]
+
+    @property
+    def val_dataset(self) -> Dataset[Sample]:
+        """The validation split."""
+        return self._built()[1]
+
+    @property
+    def test_dataset(self) -> Dataset[Sample]:
+        """The test split (fixed, so test numbers compare across runs)."""
+        return self._built()[2]
+
+    def fit_epoch(self) -> int:
+        """The epoch the attached trainer's fit loop is at (0 without a trainer).
+
+        Reads ``fit_loop.epoch_progress.current.processed``: ``trainer.current_epoch`` is stale
+        when Lightning requests the train dataloader, notably on resume.
+        """
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
+
+    def train_dataloader(self) -> DataLoader[Sample]:
+        """Batches of the training split in the order of (seed, current epoch)."""
+        sampler = EpochSampler(self.train_dataset, seed=self.seed)  # type: ignore[arg-type]
+        sampler.set_epoch(self.fit_epoch())
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader[Sample]:
+        """Batches of the validation split, in order."""
+        return self._loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader[Sample]:
+        """Batches of the test split, in order."""
+        return self._loader(self.test_dataset)
+
+    def _loader(self, dataset: Dataset[Sample], sampler: EpochSampler | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def example_input(self, n: int = 2) -> Tensor:
+        """The first ``n`` real training inputs, stacked: shape ``(n, *input_shape)``."""
+        size = len(self.train_dataset)  # type: ignore[arg-type]
+        if not 1 <= n <= size:
+            raise ConfigError(f"example_input(n={n}) needs 1 <= n <= {size} (the train size)")
+        return torch.stack([self.train_dataset[i][0] for i in range(n)])
+
+
+DATASETS: Registry[type[SobreDataModule]] = Registry("dataset")
+"""Dataset name -> :class:`SobreDataModule` subclass."""
+
+
+def datamodule_parameters(cls: type[SobreDataModule]) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``cls`` accepts, its own first, then those it forwards to its bases."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__)  # type: ignore[misc]
+        forwards = False
+        for p in list(signature.parameters.values())[1:]:
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not p.VAR_POSITIONAL:
+                params.setdefault(p.name, p)
+        if not forwards:
+            break
+    return params
+
