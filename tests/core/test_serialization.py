@@ -34,7 +34,9 @@ def test_optimizer_state_round_trips_with_int_keys_and_tuples(tmp_path):
         assert torch.equal(tree["opt"]["state"][k]["exp_avg"], v["exp_avg"])
     fresh = torch.optim.Adam(model.parameters(), lr=0.1)
     fresh.load_state_dict(tree["opt"])
-    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg_sq"], state["state"][0]["exp_avg_sq"])
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg_sq"], state["state"][0]["exp_avg_sq"]
+    )
 
 
 def test_rng_states_round_trip(tmp_path):
@@ -60,12 +62,21 @@ def test_tied_and_non_contiguous_tensors(tmp_path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=5)
-    | st.floats(allow_nan=False, width=32),
-    lambda kids: st.lists(kids, max_size=3) | st.tuples(kids, kids)
-    | st.dictionaries(st.text(max_size=4) | st.integers(0, 9), kids, max_size=3),
-    max_leaves=10))
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(10**6), 10**6)
+        | st.text(max_size=5)
+        | st.floats(allow_nan=False, width=32),
+        lambda kids: (
+            st.lists(kids, max_size=3)
+            | st.tuples(kids, kids)
+            | st.dictionaries(st.text(max_size=4) | st.integers(0, 9), kids, max_size=3)
+        ),
+        max_leaves=10,
+    )
+)
 def test_plain_values_round_trip(tmp_path_factory, value):
     path = tmp_path_factory.mktemp("h") / "v.safetensors"
     save_tree({"v": value}, path)

@@ -1,14 +1,15 @@
 """The shared core every family stands on; it imports torch only (no Lightning, no family).
 
-- ``taps``: :class:`FeatureTap`, the one way to record intermediate features (by name, glob or type).
-- ``masks``: binary or soft masks on weights, channels and gradients that survive ``state_dict``/DDP.
-- ``dist``: all-reduce helpers so every rank takes the same decision; no-ops outside distributed runs.
+- ``taps``: :class:`FeatureTap`, the one way to record intermediate features (name, glob, type).
+- ``masks``: binary or soft masks on weights, channels and gradients (state_dict and DDP safe).
+- ``dist``: all-reduce helpers so every rank takes the same decision; no-ops when not distributed.
 - ``measure``: parameters, FLOPs, latency, saved-activation and peak memory, depth.
 - ``methods``: the method protocols (:class:`Regularizer`, hooks) and :class:`StepContext`.
 - ``serialization``: safetensors + JSON files, written atomically, read without unpickling.
 - ``registry``/``errors``: named registries with "did you mean" errors.
 """
 
+from sobre.core import dist
 from sobre.core.errors import (
     CheckpointError,
     ConfigError,
@@ -16,6 +17,17 @@ from sobre.core.errors import (
     SobreError,
     UnknownNameError,
 )
+from sobre.core.masks import (
+    MaskInfo,
+    attach_mask,
+    bake,
+    get_mask,
+    iter_masks,
+    remove_masks,
+    restore_masks,
+    sparsity,
+)
+from sobre.core.measure import Measurement, measure
 from sobre.core.methods import (
     EpochHook,
     GradientHook,
@@ -26,19 +38,33 @@ from sobre.core.methods import (
     total,
 )
 from sobre.core.registry import Registry
+from sobre.core.taps import FeatureTap, RunningStats
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataNotFoundError",
     "EpochHook",
+    "FeatureTap",
     "GradientHook",
+    "MaskInfo",
+    "Measurement",
     "ModelTransform",
     "Registry",
     "Regularizer",
+    "RunningStats",
     "SetupHook",
     "SobreError",
     "StepContext",
     "UnknownNameError",
+    "attach_mask",
+    "bake",
+    "dist",
+    "get_mask",
+    "iter_masks",
+    "measure",
+    "remove_masks",
+    "restore_masks",
+    "sparsity",
     "total",
 ]

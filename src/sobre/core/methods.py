@@ -1,6 +1,6 @@
 """What a method is: a plain-PyTorch object with small hook points, usable in any training loop.
 
-A plain loop calls the hooks in this order (the Lightning adapter in ``sobre.engine`` does the same)::
+A plain loop calls the hooks in this order (``sobre.engine``'s Lightning adapter does too)::
 
     method.setup(model)                                  # once, before training
     for epoch ...:
@@ -51,7 +51,9 @@ class Regularizer(nn.Module):
     name: str = "reg"
     needs_features: tuple[str, ...] = ()
 
-    def forward(self, ctx: StepContext) -> dict[str, Tensor] | Tensor:  # pragma: no cover - abstract
+    def forward(
+        self, ctx: StepContext
+    ) -> dict[str, Tensor] | Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(ctx)")
 
     def terms(self, ctx: StepContext) -> dict[str, Tensor]:

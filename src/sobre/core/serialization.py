@@ -40,7 +40,7 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` to a temp file, fsync, rename over ``path``, fsync the folder."""
+    """Write via ``write(file)`` to a temp file, fsync, rename over ``path``, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -68,8 +68,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], seen: dict[tuple, str]) -> Any:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype) if t.numel() else None
+        ident = (
+            (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.dtype,
+            )
+            if t.numel()
+            else None
+        )
         if ident in seen:  # tied weights and other aliases are stored once
             return {"__tensor__": seen[ident]}
         key = path or "root"
@@ -92,16 +101,25 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], seen: dict[tu
         return {"__bytes__": base64.b64encode(obj).decode()}
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
-            return {k: _encode(v, f"{path}/{k}" if path else k, tensors, seen) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, f"{path}/#k{i}", tensors, seen),
-                               _encode(v, f"{path}/#{i}", tensors, seen)]
-                              for i, (k, v) in enumerate(obj.items())]}
+            return {
+                k: _encode(v, f"{path}/{k}" if path else k, tensors, seen) for k, v in obj.items()
+            }
+        return {
+            "__items__": [
+                [
+                    _encode(k, f"{path}/#k{i}", tensors, seen),
+                    _encode(v, f"{path}/#{i}", tensors, seen),
+                ]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, f"{path}/{i}", tensors, seen) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [_encode(v, f"{path}/{i}", tensors, seen) for i, v in enumerate(obj)]
     raise CheckpointError(
-        f"cannot store {type(obj).__name__} at {path or 'the root'!r} in a checkpoint: only tensors, "
+        f"cannot store {type(obj).__name__} at {path or 'the root'!r} in a checkpoint: only "
+        "tensors, "
         "numbers, strings, lists, tuples and dicts are allowed. Keep objects out of saved state "
         "(e.g. save_hyperparameters(ignore=[...]))."
     )
@@ -137,7 +155,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_tree(tree: Any, path: str | os.PathLike[str], *, info: Mapping[str, Any] | None = None) -> Path:
+def save_tree(
+    tree: Any, path: str | os.PathLike[str], *, info: Mapping[str, Any] | None = None
+) -> Path:
     """Save ``tree`` as ``path`` (safetensors) + its JSON sidecar, atomically.
 
     Args:
@@ -169,33 +189,43 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _read_doc(path: Path, *, check: bool, tensors: bool = True) -> tuple[dict[str, Any], Any]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a "
-                              "'.safetensors' file written by sobre (e.g. RUN/checkpoints/last.safetensors)")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass the path of a "
+            "'.safetensors' file written by sobre (e.g. RUN/checkpoints/last.safetensors)"
+        )
     sidecar = sidecar_path(path)
     if check and sidecar.is_file():
         try:
             expected = json.loads(sidecar.read_text())["tensors"]["sha256"]
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"sidecar {str(sidecar)!r} is unreadable ({err}); delete it to load "
-                                  "from the tensor file alone") from err
+            raise CheckpointError(
+                f"sidecar {str(sidecar)!r} is unreadable ({err}); delete it to load "
+                "from the tensor file alone"
+            ) from err
         if _sha256(path) != expected:
             raise CheckpointError(
                 f"{str(path)!r} does not match the sha256 recorded in {sidecar.name}: the file is "
-                "corrupted or was replaced; restore it or load an earlier checkpoint")
+                "corrupted or was replaced; restore it or load an earlier checkpoint"
+            )
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err}); it is "
-                              "corrupted or truncated: load an earlier checkpoint") from err
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({err}); it is "
+            "corrupted or truncated: load an earlier checkpoint"
+        ) from err
     with handle as f:
         meta = f.metadata() or {}
         if "skeleton" not in meta:
-            raise CheckpointError(f"{str(path)!r} is a safetensors file but not a sobre checkpoint "
-                                  "(no skeleton in its header); load it with safetensors.torch.load_file")
+            raise CheckpointError(
+                f"{str(path)!r} is a safetensors file but not a sobre checkpoint "
+                "(no skeleton in its header); load it with safetensors.torch.load_file"
+            )
         doc = json.loads(meta["skeleton"])
         if doc.get("format") != FORMAT:
-            raise CheckpointError(f"{str(path)!r} has format {doc.get('format')!r}; this sobre "
-                                  f"reads {FORMAT!r}")
+            raise CheckpointError(
+                f"{str(path)!r} has format {doc.get('format')!r}; this sobre reads {FORMAT!r}"
+            )
         loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
     return doc, loaded
 
