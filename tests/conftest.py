@@ -17,8 +17,13 @@ def tiny_recipe(tmp_path) -> dict:
     return {
         "name": "tiny",
         "seed": 3,
-        "data": {"name": "synthetic", "input_shape": [1, 8, 8], "num_classes": 3,
-                 "num_samples": 96, "batch_size": 16},
+        "data": {
+            "name": "synthetic",
+            "input_shape": [1, 8, 8],
+            "num_classes": 3,
+            "num_samples": 96,
+            "batch_size": 16,
+        },
         "model": {"arch": "small_cnn", "arch_kwargs": {"width": 4}, "lr": 0.01},
         "trainer": {"max_epochs": 2, "enable_progress_bar": False},
     }

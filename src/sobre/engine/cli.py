@@ -1,0 +1,128 @@
+"""The ``sobre`` command: ``fit``, ``measure``, ``report`` and ``recipes``.
+
+Exit status 0 on success, 2 on bad input (the message names the problem and the fix), 1 when a
+run fails; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sobre.core.errors import SobreError
+
+log = logging.getLogger("sobre")
+
+EPILOG = """examples:
+  sobre fit --config recipes/quickstart.yaml
+  sobre fit --config recipes/quickstart.yaml --trainer.max_epochs 3 --model.lr 0.003
+  sobre fit --resume runs/quickstart/20261125-101500
+  sobre measure --checkpoint runs/quickstart/<time>/checkpoints/train/best.safetensors
+  sobre report runs/quickstart/<time>
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sobre",
+        allow_abbrev=False,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Frugal and trustworthy deep learning recipes.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser(
+        "fit",
+        allow_abbrev=False,
+        help="train, test, measure and report a recipe",
+        description="Train a recipe; extra --section.key value pairs override it.",
+    )
+    fit.add_argument("-c", "--config", help="recipe YAML file")
+    fit.add_argument("--runs-dir", help="parent of run folders (default $SOBRE_RUNS_DIR or runs/)")
+    fit.add_argument("--resume", help="continue this run folder from its last checkpoint")
+    measure = sub.add_parser(
+        "measure",
+        allow_abbrev=False,
+        help="params, FLOPs, latency, memory and depth of a checkpoint",
+    )
+    measure.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run")
+    measure.add_argument("--batch-size", type=int, default=1, help="inputs per forward (default 1)")
+    measure.add_argument("--json", help="also write the result to this JSON file")
+    report = sub.add_parser("report", help="write report.md and figures for a run folder")
+    report.add_argument("run_dir")
+    recipes = sub.add_parser("recipes", help="list recipes with their paper and expected trend")
+    recipes.add_argument("folder", nargs="?", default="recipes")
+    return parser
+
+
+def _recipes(folder: str) -> None:
+    from sobre.engine.recipes import load_yaml
+
+    paths = sorted(Path(folder).rglob("*.yaml"))
+    if not paths:
+        raise SobreError(
+            f"no recipes under {folder!r}; run from the repository root or pass a folder"
+        )
+    for path in paths:
+        meta = load_yaml(path).get("meta") or {}
+        sys.stdout.write(
+            f"{path}\n    {meta.get('description', '')}\n"
+            f"    paper: {meta.get('paper', '-')}  expected: {meta.get('expected', '-')}"
+            f"  cpu time: {meta.get('cpu_minutes', '?')} min\n"
+        )
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the command line ``argv`` (without the program name)."""
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "fit":
+        raise SobreError(f"unexpected arguments {' '.join(rest)!r} for `sobre {args.command}`")
+    if args.command == "fit":
+        from sobre.engine.run import fit
+
+        if args.config is None and args.resume is None:
+            raise SobreError("`sobre fit` needs --config RECIPE.yaml (or --resume RUN_DIR)")
+        result = fit(args.config, overrides=rest, runs_dir=args.runs_dir, resume=args.resume)
+        shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+        sys.stdout.write(f"run folder: {result.run_dir}\n{json.dumps(shown, indent=1)}\n")
+    elif args.command == "measure":
+        import torch
+
+        from sobre.core.measure import measure
+        from sobre.engine.run import load
+
+        routine = load(args.checkpoint)
+        shape = routine.checkpoint_info["input_shape"]
+        result = measure(routine.net, torch.randn(args.batch_size, *shape))
+        sys.stdout.write(result.table() + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    elif args.command == "report":
+        from sobre.engine.report import report
+
+        sys.stdout.write(f"{report(args.run_dir)}\n")
+    else:
+        _recipes(args.folder)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sobre`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    debug = "--debug" in argv
+    try:
+        return run(argv)
+    except SobreError as err:
+        if debug:
+            raise
+        sys.stderr.write(f"sobre: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("sobre: interrupted; continue with `sobre fit --resume RUN_DIR`\n")
+        return 130

@@ -1,0 +1,177 @@
+"""``report(run_dir)``: ``report.md`` with the metrics, the measurement table and PNG figures.
+
+Everything is read back from the run folder's files (``logs/<stage>/metrics.csv``,
+``metrics.json``, ``measure.json``, ``config.yaml``, ``env.json``): JSON first, figures from JSON.
+Families add figures by registering a function ``fn(run: RunFiles) -> Figure | None`` in ``PLOTS``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from sobre.core.errors import ConfigError
+from sobre.core.measure import Measurement
+from sobre.core.registry import Registry
+from sobre.core.serialization import atomic_write_text
+
+DPI = 120
+
+
+@dataclass
+class RunFiles:
+    """The parsed files of a run folder."""
+
+    dir: Path
+    history: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # stage -> epoch rows
+    metrics: dict[str, Any] = field(default_factory=dict)
+    measure: dict[str, Any] | None = None
+    config: str = ""
+    env: dict[str, Any] = field(default_factory=dict)
+
+
+PLOTS: Registry[Callable[[RunFiles], Figure | None]] = Registry("plot")
+
+
+def _epoch_rows(path: Path) -> list[dict[str, float]]:
+    """One row per fit epoch from a Lightning CSVLogger file (last value of each column)."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            slot = by_epoch.setdefault(epoch, {"epoch": float(epoch)})
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    slot[key.removesuffix("_epoch")] = float(value)
+    fit_rows = (by_epoch[e] for e in sorted(by_epoch))  # trainer.test adds a row of its own
+    return [r for r in fit_rows if any(k.startswith(("train/", "val/")) for k in r)]
+
+
+def read_run(run_dir: str | Path) -> RunFiles:
+    """Parse a run folder; a folder that is not a run raises :class:`ConfigError`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a sobre run folder (no config.yaml); pass a "
+            "folder under runs/, e.g. runs/quickstart/<time>"
+        )
+    run = RunFiles(run_dir, config=(run_dir / "config.yaml").read_text())
+    for name, target in (
+        ("metrics.json", "metrics"),
+        ("measure.json", "measure"),
+        ("env.json", "env"),
+    ):
+        if (run_dir / name).is_file():
+            setattr(run, target, json.loads((run_dir / name).read_text()))
+    state = run_dir / "run.json"
+    order = json.loads(state.read_text()).get("stages_done", []) if state.is_file() else []
+    logs: dict[str, list[Path]] = {}  # stage -> its CSV files, resumed fits last
+    for path in sorted(
+        (run_dir / "logs").glob("*/metrics.csv"), key=lambda p: (len(p.parent.name), p.parent.name)
+    ):
+        logs.setdefault(path.parent.name.split(".resume")[0], []).append(path)
+    for stage in [*order, *sorted(set(logs) - set(order))]:
+        rows: dict[float, dict[str, float]] = {}
+        for path in logs.get(stage, []):
+            for row in _epoch_rows(path):
+                rows.setdefault(row["epoch"], {}).update(row)
+        if rows:
+            run.history[stage] = [rows[e] for e in sorted(rows)]
+    return run
+
+
+@PLOTS.register("learning_curves")
+def learning_curves(run: RunFiles) -> Figure | None:
+    """Loss and accuracy per epoch for train and val, stages side by side."""
+    rows = [(stage, r) for stage, rs in run.history.items() for r in rs]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    x = list(range(1, len(rows) + 1))
+    for ax, metric, unit in (
+        (axes[0], "loss", "cross-entropy (nats)"),
+        (axes[1], "acc", "accuracy"),
+    ):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            ys = [r.get(f"{split}/{metric}", math.nan) for _, r in rows]
+            if any(not math.isnan(y) for y in ys):
+                ax.plot(x, ys, style, ms=3, label=split)
+        start = 0
+        for stage, rs in run.history.items():
+            if len(run.history) > 1:
+                ax.axvline(start + 0.5, color="grey", ls=":", lw=1)
+                ax.text(
+                    start + 0.6,
+                    1.0,
+                    stage,
+                    transform=ax.get_xaxis_transform(),
+                    va="top",
+                    fontsize=8,
+                    color="grey",
+                )
+            start += len(rs)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    return fig
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    flat = {k: v for k, v in sorted(metrics.items()) if isinstance(v, int | float)}
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| `{k}` | {v:.4f} |" for k, v in flat.items()]
+    return "\n".join(lines)
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``figures/*.png`` for a run folder; returns the report path."""
+    run = read_run(run_dir)
+    figures_dir = run.dir / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    parts = [
+        f"# Run report: {run.dir.name}",
+        "",
+        f"Recipe `{run.dir.parent.name}`, sobre {run.env.get('sobre', '?')}, torch "
+        f"{run.env.get('torch', '?')}, git `{run.env.get('git') or 'n/a'}`.",
+        "",
+        "## Metrics",
+        "",
+        _metrics_table(run.metrics) if run.metrics else "(no metrics yet)",
+    ]
+    if run.measure:
+        parts += [
+            "",
+            "## Measurement (one sample)",
+            "",
+            "```",
+            Measurement.from_dict(run.measure).table(),
+            "```",
+        ]
+    parts += ["", "## Figures", ""]
+    for name in PLOTS.names():
+        fig = PLOTS.get(name)(run)
+        if fig is None:
+            continue
+        fig.savefig(figures_dir / f"{name}.png", dpi=DPI)
+        plt.close(fig)
+        parts.append(f"![{name}](figures/{name}.png)")
+    parts += ["", "## Recipe", "", "```yaml", run.config.rstrip(), "```", ""]
+    path = run.dir / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path

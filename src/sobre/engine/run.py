@@ -1,0 +1,377 @@
+"""Run a recipe: one new run folder, fit stage after fit stage, then test, measure and report.
+
+Structure edits (``transforms`` of a stage) happen between stages, never inside a fit; inside a
+stage, methods use masks. A run folder is never overwritten: ``--resume RUN_DIR`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser
+from torch import nn
+
+from sobre.core.errors import CheckpointError, ConfigError, SobreError
+from sobre.core.masks import restore_masks
+from sobre.core.measure import measure
+from sobre.core.serialization import atomic_write_text, load_tree
+from sobre.engine.callbacks import MethodCallback
+from sobre.engine.recipes import (
+    apply_overrides,
+    load_yaml,
+    normalize,
+    parse_overrides,
+    tidy_parser_error,
+)
+from sobre.engine.trainer import make_trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One fit of a recipe. ``transforms`` (ModelTransform objects) run before it starts."""
+
+    name: str = "train"
+    max_epochs: int | None = None
+    lr: float | None = None
+    transforms: list[Any] = field(default_factory=list)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What :func:`fit` returns: the run folder, its final metrics and the trained objects."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    routine: pl.LightningModule
+    datamodule: pl.LightningDataModule
+
+
+def build_parser() -> LightningArgumentParser:
+    """The typed parser of a (normalised) recipe; types come from the classes' signatures."""
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("--name", type=str, default="run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_lightning_class_args(pl.Trainer, "trainer")
+    parser.add_lightning_class_args(pl.LightningModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(pl.LightningDataModule, "data", subclass_mode=True)
+    parser.add_argument("--methods", type=list[Any] | None, default=None)
+    parser.add_argument("--stages", type=list[Stage] | None, default=None)
+    parser.add_argument("--evaluate", type=dict[str, bool], default={})
+    parser.add_argument("--meta", type=dict[str, Any], default={})
+    parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+    parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+    return parser
+
+
+def _instantiate(recipe: Mapping[str, Any], source: str) -> tuple[Any, Any]:
+    parser = build_parser()
+    try:
+        cfg = parser.parse_object(copy.deepcopy(dict(recipe)))  # it mutates its input
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        return cfg, parser.instantiate(cfg)
+    except argparse.ArgumentError as err:
+        raise tidy_parser_error(err, source) from None
+    except ValueError as err:  # jsonargparse wraps what a class raised in its __init__
+        raise _own_error(err) from None
+
+
+def _own_error(err: BaseException) -> BaseException:
+    """The SobreError (e.g. a missing data folder) that caused ``err``, if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, SobreError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, git hash and device of this process (written as ``env.json``)."""
+    import lightning
+
+    import sobre
+
+    return {
+        "sobre": sobre.__version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git": _git_hash(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def new_run_dir(runs_dir: str | Path | None, name: str) -> Path:
+    """A fresh ``<runs_dir>/<name>/<timestamp>[-n]`` folder; never an existing one.
+
+    ``SOBRE_RUN_DIR`` (set for the other ranks of a distributed run) names the folder exactly.
+    """
+    exact = os.environ.get("SOBRE_RUN_DIR")
+    if exact:
+        path = Path(exact)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path(runs_dir or os.environ.get("SOBRE_RUNS_DIR") or "runs") / name
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = base / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot create a new run folder under {base}")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state_dict`` strictly, re-attaching the masks it holds first."""
+    restore_masks(model, state_dict)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the checkpoint does not fit this model: {err}".splitlines()[0]
+            + " (was the structure changed by a transform?)"
+        ) from None
+
+
+class _Run:
+    """State of one run; the files it writes are written by rank zero only."""
+
+    def __init__(self, run_dir: Path, recipe: dict[str, Any], cfg: Any, objs: Any) -> None:
+        self.dir, self.recipe, self.cfg = run_dir, recipe, cfg
+        self.datamodule, self.routine = objs.data, objs.model
+        self.methods = [MethodCallback(m) for m in objs.methods or []]
+        self.stages: list[Stage] = objs.stages or [Stage()]
+        given = recipe.get("trainer") or {}  # the parser also fills every Trainer default
+        self.trainer_kwargs = {k: v for k, v in dict(objs.trainer).items() if k in given}
+        self.trainer: pl.Trainer | None = None
+        self.state_file = run_dir / "run.json"
+        self.state: dict[str, Any] = (
+            json.loads(self.state_file.read_text())
+            if self.state_file.is_file()
+            else {"stages_done": []}
+        )
+        self.metrics: dict[str, Any] = {}
+        self.stage_metrics: dict[str, float] = {}
+        self.in_memory: str | None = None  # the stage whose final weights the routine holds
+        self.env = environment()
+
+    @property
+    def is_zero(self) -> bool:
+        return (
+            self.trainer.is_global_zero
+            if self.trainer is not None
+            else (int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0)
+        )
+
+    def write(self, name: str, text: str) -> None:
+        if self.is_zero:
+            atomic_write_text(self.dir / name, text)
+
+    def save_state(self, **update: Any) -> None:
+        self.state.update(update)
+        self.write("run.json", json.dumps(self.state, indent=1))
+
+    def info(self) -> dict[str, Any]:
+        metrics = self.trainer.callback_metrics if self.trainer is not None else {}
+        dm = self.datamodule
+        return {
+            "recipe": self.recipe,
+            "num_classes": dm.num_classes,
+            "in_channels": dm.in_channels,
+            "input_shape": list(dm.input_shape),
+            "environment": self.env,
+            "metrics": {k: float(v) for k, v in metrics.items() if v.numel() == 1},
+        }
+
+    def fit_stage(self, index: int, stage: Stage, extra: Sequence[Callback]) -> None:
+        ckpt_dir = self.dir / "checkpoints" / stage.name
+        if index > 0 and self.in_memory != self.stages[index - 1].name:
+            # resumed in a new process: start from the previous stage's final weights
+            prev = self.dir / "checkpoints" / self.stages[index - 1].name / "final.safetensors"
+            load_weights(self.routine, load_tree(prev)[0]["state_dict"])
+        for transform in stage.transforms:
+            self.routine.net = transform.apply(self.routine.net)
+        if stage.lr is not None:
+            self.routine.lr = stage.lr
+        kwargs = {**self.trainer_kwargs, **stage.trainer}
+        if stage.max_epochs is not None:
+            kwargs["max_epochs"] = stage.max_epochs
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *extra]
+        self.trainer = make_trainer(self.dir, stage=stage.name, info=self.info, **kwargs)
+        last = ckpt_dir / "last.safetensors"
+        self.trainer.fit(
+            self.routine,
+            datamodule=self.datamodule,
+            weights_only=True,
+            ckpt_path=str(last) if last.is_file() else None,
+        )
+        self.trainer.save_checkpoint(ckpt_dir / "final.safetensors")
+        self.stage_metrics = {
+            k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1
+        }
+        self.metrics.setdefault("stages", {})[stage.name] = self.stage_metrics
+        self.save_state(stages_done=[*self.state["stages_done"], stage.name])
+        self.in_memory = stage.name
+
+    def evaluate(self) -> None:
+        last = self.stages[-1].name
+        if self.trainer is None:  # resumed after the last stage had finished
+            load_weights(
+                self.routine,
+                load_tree(self.dir / "checkpoints" / last / "final.safetensors")[0]["state_dict"],
+            )
+            self.trainer = make_trainer(
+                self.dir, stage=last, info=self.info, logger=False, **self.trainer_kwargs
+            )
+        best = self.dir / "checkpoints" / last / "best.safetensors"
+        if self.cfg.evaluate.get("test", True):
+            out = self.trainer.test(
+                self.routine,
+                datamodule=self.datamodule,
+                ckpt_path=str(best) if best.is_file() else None,
+                weights_only=True,
+                verbose=False,
+            )
+            self.metrics.update({k: float(v) for k, v in (out[0] if out else {}).items()})
+        for key in ("val/acc", "val/loss", "train/acc", "train/loss_epoch"):
+            if key in self.stage_metrics:
+                self.metrics[key.removesuffix("_epoch")] = self.stage_metrics[key]
+        if self.is_zero and self.cfg.evaluate.get("measure", True):
+            example = self.datamodule.example_input(1).to(self.routine.device)
+            result = measure(self.routine.net, example)
+            self.write("measure.json", json.dumps(result.to_dict(), indent=1))
+            log.info("measurement (one sample):\n%s", result.table())
+        self.write("metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
+        if self.is_zero and self.cfg.evaluate.get("report", True):
+            from sobre.engine.report import report
+
+            report(self.dir)
+
+
+def fit(
+    recipe: str | Path | Mapping[str, Any] | None = None,
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    runs_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Train and evaluate a recipe; writes a new run folder (or continues ``resume``).
+
+    Args:
+        recipe: a YAML path or a dict with the recipe sections (see :mod:`sobre.engine.recipes`).
+        overrides: dotted keys, as a dict (``{"trainer.max_epochs": 3}``) or CLI-style strings.
+        runs_dir: parent of run folders (default ``$SOBRE_RUNS_DIR`` or ``./runs``).
+        resume: a run folder to continue from its last checkpoint (its ``config.yaml`` is used).
+        callbacks: extra Lightning callbacks for every fit stage.
+
+    Returns:
+        A :class:`RunResult`: the run folder and ``metrics`` (``test/acc``, ``val/acc``, ...).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"{str(run_dir)!r} is not a sobre run folder (no config.yaml); pass "
+                "the folder printed when the run started, e.g. runs/quickstart/<time>"
+            )
+        raw, source = yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir)
+    elif recipe is None:
+        raise ConfigError(
+            "no recipe given: pass a YAML path or a dict (see recipes/quickstart.yaml)"
+        )
+    elif isinstance(recipe, Mapping):
+        raw, source = dict(recipe), "recipe"
+    else:
+        raw, source = load_yaml(recipe), str(recipe)
+    if overrides:
+        parsed = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        raw = apply_overrides(raw, parsed)
+    norm = normalize(raw)
+    cfg, objs = _instantiate(norm, source)
+    if resume is None:
+        run_dir = new_run_dir(runs_dir, cfg.name)
+    os.environ.setdefault("SOBRE_RUN_DIR", str(run_dir))  # the other ranks of a DDP run use it
+    try:
+        run = _Run(run_dir, norm, cfg, objs)
+        run.write("config.yaml", yaml.safe_dump(norm, sort_keys=False))
+        run.write("env.json", json.dumps(run.env, indent=1))
+        log.info("run folder: %s", run_dir)
+        run.save_state(status="running")
+        for i, stage in enumerate(run.stages):
+            if stage.name in run.state["stages_done"]:
+                continue
+            run.fit_stage(i, stage, callbacks)
+        run.evaluate()
+        run.save_state(status="done")
+    finally:
+        if os.environ.get("SOBRE_RUN_DIR") == str(run_dir) and resume is None:
+            os.environ.pop("SOBRE_RUN_DIR", None)
+    return RunResult(run_dir, run.metrics, run.routine, run.datamodule)
+
+
+def load(path: str | Path) -> pl.LightningModule:
+    """Rebuild the routine of a checkpoint from its recipe and load its weights (no unpickling).
+
+    Args:
+        path: a ``.safetensors`` checkpoint written by a sobre run.
+    """
+    tree, info = load_tree(path)
+    if "recipe" not in info or "state_dict" not in tree:
+        raise CheckpointError(
+            f"{str(path)!r} holds no recipe or weights: it was not written by a "
+            "sobre run; load plain weights with safetensors.torch.load_file"
+        )
+    model_node = dict(info["recipe"]["model"])
+    init_args = {
+        **model_node.get("init_args", {}),
+        "num_classes": info["num_classes"],
+        "in_channels": info["in_channels"],
+    }
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(pl.LightningModule, "model", subclass_mode=True)
+    try:
+        cfg = parser.parse_object({"model": {**model_node, "init_args": init_args}})
+        routine = parser.instantiate(cfg).model
+    except argparse.ArgumentError as err:
+        raise tidy_parser_error(err, str(path)) from None
+    load_weights(routine, tree["state_dict"])
+    routine.checkpoint_info = info
+    return routine.eval()

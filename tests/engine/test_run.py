@@ -1,0 +1,120 @@
+"""End to end on a tiny recipe: run folder, checkpoints, load, report, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from toys import Crash
+
+import sobre
+from sobre.core.errors import CheckpointError, ConfigError
+from sobre.core.masks import get_mask
+from sobre.core.serialization import load_tree
+from sobre.engine.report import read_run
+
+
+def test_fit_writes_a_complete_run_folder(tiny_recipe, runs_dir):
+    result = sobre.fit(tiny_recipe)
+    run = result.run_dir
+    assert run.parent == runs_dir / "tiny"
+    for name in (
+        "config.yaml",
+        "env.json",
+        "run.json",
+        "metrics.json",
+        "measure.json",
+        "report.md",
+        "figures/learning_curves.png",
+        "logs/train/metrics.csv",
+        "checkpoints/train/best.safetensors",
+        "checkpoints/train/best.json",
+        "checkpoints/train/last.safetensors",
+        "checkpoints/train/final.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert set(metrics["stages"]["train"]) >= {"val/acc", "train/loss_epoch"}
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+    measured = json.loads((run / "measure.json").read_text())
+    assert measured["params"] == sum(p.numel() for p in result.routine.net.parameters())
+    report = (run / "report.md").read_text()
+    assert "test/acc" in report and "learning_curves.png" in report
+    assert f"{metrics['test/acc']:.4f}" in report
+    # a second run never overwrites the first
+    again = sobre.fit(tiny_recipe)
+    assert again.run_dir != run and (run / "metrics.json").is_file()
+
+
+def test_checkpoint_loads_into_a_fresh_model(tiny_recipe, runs_dir):
+    result = sobre.fit(tiny_recipe, overrides={"evaluate.measure": False, "evaluate.report": False})
+    best = result.run_dir / "checkpoints/train/best.safetensors"
+    routine = sobre.load(best)
+    x = result.datamodule.example_input(4)
+    result.routine.eval()
+    assert torch.allclose(routine(x), result.routine(x), atol=1e-6)  # tested = best weights
+    info = routine.checkpoint_info
+    assert info["num_classes"] == 3 and info["input_shape"] == [1, 8, 8]
+    assert info["recipe"]["name"] == "tiny" and "val/acc" in info["metrics"]
+    tree, _ = load_tree(best)
+    assert (
+        tree["optimizer_states"][0]["state"][0]["exp_avg"].shape
+        == routine.net.features.conv1.weight.shape
+    )
+    best.write_bytes(best.read_bytes()[:-16])
+    with pytest.raises(CheckpointError, match="sha256"):
+        sobre.load(best)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, runs_dir):
+    tiny_recipe["trainer"]["max_epochs"] = 3
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    full = sobre.fit(tiny_recipe)
+    with pytest.raises(RuntimeError, match="killed"):
+        sobre.fit(tiny_recipe, callbacks=[Crash(at=1)])
+    crashed = sorted((runs_dir / "tiny").iterdir())[-1]
+    assert json.loads((crashed / "run.json").read_text())["status"] == "running"
+    resumed = sobre.fit(resume=crashed)
+    assert resumed.run_dir == crashed
+    history = read_run(crashed).history["train"]  # the curve before the crash is kept
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert all("val/acc" in row for row in history)
+    assert resumed.metrics["test/acc"] == full.metrics["test/acc"]
+    assert resumed.metrics["test/loss"] == pytest.approx(full.metrics["test/loss"], abs=1e-6)
+    a = load_tree(full.run_dir / "checkpoints/train/final.safetensors")[0]["state_dict"]
+    b = load_tree(crashed / "checkpoints/train/final.safetensors")[0]["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_stages_run_in_order_with_a_transform_between(tiny_recipe, runs_dir):
+    tiny_recipe["stages"] = [
+        {"name": "train", "max_epochs": 1},
+        {
+            "name": "finetune",
+            "max_epochs": 1,
+            "lr": 0.001,
+            "transforms": [{"class_path": "toys.ZeroHalfClassifier"}],
+        },
+    ]
+    result = sobre.fit(tiny_recipe)
+    assert json.loads((result.run_dir / "run.json").read_text())["stages_done"] == [
+        "train",
+        "finetune",
+    ]
+    assert set(result.metrics["stages"]) == {"train", "finetune"}
+    assert (result.run_dir / "checkpoints/finetune/final.safetensors").is_file()
+    assert result.routine.lr == 0.001
+    mask = get_mask(result.routine.net.classifier)
+    assert mask.sum().item() == mask.numel() // 2
+    loaded = sobre.load(result.run_dir / "checkpoints/finetune/final.safetensors")  # masks restored
+    x = result.datamodule.example_input(2)
+    assert torch.allclose(loaded(x), result.routine.eval()(x), atol=1e-6)
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(ConfigError, match="not a sobre run folder"):
+        sobre.fit(resume=tmp_path)

@@ -1,0 +1,108 @@
+"""Toy methods used by the engine tests (importable as ``toys`` by subprocess runs)."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from sobre.core import dist
+from sobre.core.masks import attach_mask, iter_masks
+from sobre.core.methods import Regularizer, StepContext
+from sobre.core.taps import FeatureTap
+
+
+class L2(Regularizer):
+    """weight * Σ ||θ||²."""
+
+    name = "l2"
+
+    def __init__(self, weight: float = 1e-3) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ctx: StepContext) -> Tensor:
+        return self.weight * sum(p.pow(2).sum() for p in ctx.model.parameters())
+
+
+class ActivationL1(Regularizer):
+    """weight * mean |a| over the tapped ReLU outputs (uses the feature tap, graph attached)."""
+
+    name = "act_l1"
+    needs_features = ("features.relu*",)
+
+    def __init__(self, weight: float = 1e-2) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {self.name: self.weight * sum(f.abs().mean() for f in ctx.features.values())}
+
+
+class HalfFrozen:
+    """Update selector: freezes the gradient of every other output channel of the first conv."""
+
+    def setup(self, model: nn.Module) -> None:
+        conv = model.features.conv1
+        mask = torch.ones(conv.out_channels)
+        mask[::2] = 0
+        attach_mask(conv, kind="channel", mask=mask, target="grad")
+
+    def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, ctx: StepContext) -> None:
+        return None
+
+
+class SharedChannelMask:
+    """Masks conv2 channels whose activation mean, all-reduced over ranks, is below the median.
+
+    Each rank sees different data; the decision must still be identical on every rank.
+    """
+
+    def setup(self, model: nn.Module) -> None:
+        self.mask = attach_mask(model.features.conv2, kind="channel")
+
+    def after_backward(self, model: nn.Module, ctx: StepContext) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, ctx: StepContext) -> None:
+        with torch.no_grad(), FeatureTap(model, "features.conv2", mode="stats") as tap:
+            model(ctx.inputs)
+        mean = dist.all_reduce_mean(tap.stats["features.conv2"].mean.abs())
+        self.mask.copy_((mean >= mean.median()).float())
+
+
+class Crash(Callback):
+    """Simulates a killed run: raises at the end of training epoch ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.at:
+            raise RuntimeError("killed")
+
+
+def weights_digest(model: nn.Module) -> dict[str, object]:
+    """sha-like digests of the weights and of every mask."""
+    import hashlib
+
+    def h(t: Tensor) -> str:
+        return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    return {
+        "weights": h(torch.cat([p.detach().flatten() for p in model.parameters()])),
+        "masks": {f"{m.module}.{m.param}.{m.target}": h(m.mask) for m in iter_masks(model)},
+    }
+
+
+class ZeroHalfClassifier:
+    """A ModelTransform for stage tests: masks half of the classifier's weights."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        mask = torch.zeros_like(model.classifier.weight)
+        mask.view(-1)[: mask.numel() // 2] = 1
+        attach_mask(model.classifier, mask=mask)
+        return model

@@ -1,0 +1,44 @@
+"""Layout rules: core imports torch only; data and models import neither each other nor engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CHECK = """
+import sys
+import {module}
+bad = sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!r} or m in {forbidden!r})
+assert not bad, bad
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        (
+            "sobre.core, sobre.core.taps, sobre.core.masks, sobre.core.dist, sobre.core.measure, "
+            "sobre.core.serialization",
+            (
+                "lightning",
+                "pytorch_lightning",
+                "sobre.engine",
+                "sobre.data",
+                "sobre.models",
+                "rich",
+                "matplotlib",
+            ),
+        ),
+        ("sobre.models", ("lightning", "sobre.engine", "sobre.data")),
+        ("sobre.data", ("sobre.engine", "sobre.models")),
+        ("sobre", ("torch", "lightning")),
+    ],
+)
+def test_import_boundaries(module, forbidden):
+    code = CHECK.format(module=module, forbidden=forbidden)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
