@@ -35,25 +35,47 @@ def write_cifar10(folder: Path) -> Path:
     """A fake ``cifar-10-batches-py`` folder: 5 train batches, a test batch and the meta file."""
     for b in range(5):
         n = CIFAR10_TRAIN_PER_BATCH
-        dump(folder / f"data_batch_{b + 1}",
-             {b"batch_label": b"training batch", b"data": fake_images(n, b * n),
-              b"labels": [(b * n + i) % 10 for i in range(n)],
-              b"filenames": [b"img.png"] * n})
-    dump(folder / "test_batch", {b"data": fake_images(CIFAR10_TEST, 200),
-                                 b"labels": [i % 10 for i in range(CIFAR10_TEST)]})
-    dump(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)],
-                                   b"num_cases_per_batch": CIFAR10_TRAIN_PER_BATCH})
+        dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                b"batch_label": b"training batch",
+                b"data": fake_images(n, b * n),
+                b"labels": [(b * n + i) % 10 for i in range(n)],
+                b"filenames": [b"img.png"] * n,
+            },
+        )
+    dump(
+        folder / "test_batch",
+        {b"data": fake_images(CIFAR10_TEST, 200), b"labels": [i % 10 for i in range(CIFAR10_TEST)]},
+    )
+    dump(
+        folder / "batches.meta",
+        {
+            b"label_names": [f"c{i}".encode() for i in range(10)],
+            b"num_cases_per_batch": CIFAR10_TRAIN_PER_BATCH,
+        },
+    )
     return folder
 
 
 def write_cifar100(folder: Path) -> Path:
     """A fake ``cifar-100-python`` folder: train, test and meta with fine and coarse labels."""
     for name, n in (("train", CIFAR100_TRAIN), ("test", CIFAR100_TEST)):
-        dump(folder / name, {b"data": fake_images(n, 0),
-                             b"fine_labels": [i % 100 for i in range(n)],
-                             b"coarse_labels": [i % 20 for i in range(n)]})
-    dump(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                           b"coarse_label_names": [f"g{i}".encode() for i in range(20)]})
+        dump(
+            folder / name,
+            {
+                b"data": fake_images(n, 0),
+                b"fine_labels": [i % 100 for i in range(n)],
+                b"coarse_labels": [i % 20 for i in range(n)],
+            },
+        )
+    dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"g{i}".encode() for i in range(20)],
+        },
+    )
     return folder
 
 

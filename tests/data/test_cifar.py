@@ -31,8 +31,12 @@ SMALL_VAL = {"val_size": 10}
 
 def test_cifar10_reads_fake_batches(cifar10_root: Path) -> None:
     dm = CIFAR10DataModule(cifar10_root, **SMALL_VAL)
-    assert (dm.name, dm.num_classes, dm.in_channels, dm.input_shape) == ("cifar10", 10, 3,
-                                                                        (3, 32, 32))
+    assert (dm.name, dm.num_classes, dm.in_channels, dm.input_shape) == (
+        "cifar10",
+        10,
+        3,
+        (3, 32, 32),
+    )
     assert dm.class_names == tuple(f"c{i}" for i in range(10))
     assert [len(d) for d in (dm.train_dataset, dm.val_dataset, dm.test_dataset)] == [90, 10, 30]
     image, label = dm.test_dataset[7]
@@ -47,8 +51,11 @@ def test_cifar10_reads_fake_batches(cifar10_root: Path) -> None:
 
 def test_every_training_image_lands_in_exactly_one_split(cifar10_root: Path) -> None:
     train, val, _ = cifar10_datasets(cifar10_root, val_size=10)
-    seen = sorted(int(d[i][0][0, 0, 0].mul(CIFAR10.std[0]).add(CIFAR10.mean[0]).mul(255).round())
-                  for d in (train, val) for i in range(len(d)))
+    seen = sorted(
+        int(d[i][0][0, 0, 0].mul(CIFAR10.std[0]).add(CIFAR10.mean[0]).mul(255).round())
+        for d in (train, val)
+        for i in range(len(d))
+    )
     assert seen == list(range(100))
 
 
@@ -79,8 +86,10 @@ def test_cifar10_augment_wraps_train_only(cifar10_root: Path) -> None:
     assert torch.allclose(train.fill.flatten(), black)
 
 
-@pytest.mark.parametrize(("label_type", "classes", "first_names"),
-                         [("fine", 100, ("f0", "f1")), ("coarse", 20, ("g0", "g1"))])
+@pytest.mark.parametrize(
+    ("label_type", "classes", "first_names"),
+    [("fine", 100, ("f0", "f1")), ("coarse", 20, ("g0", "g1"))],
+)
 def test_cifar100_fine_and_coarse(
     cifar100_root: Path, label_type: str, classes: int, first_names: tuple[str, str]
 ) -> None:
@@ -102,10 +111,18 @@ def test_cifar100_rejects_an_unknown_label_type(cifar100_root: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "folder", "files", "title"),
     [
-        (CIFAR10DataModule, "cifar-10-batches-py", ("data_batch_1", "test_batch", "batches.meta"),
-         "CIFAR-10 python version"),
-        (CIFAR100DataModule, "cifar-100-python", ("train", "test", "meta"),
-         "CIFAR-100 python version"),
+        (
+            CIFAR10DataModule,
+            "cifar-10-batches-py",
+            ("data_batch_1", "test_batch", "batches.meta"),
+            "CIFAR-10 python version",
+        ),
+        (
+            CIFAR100DataModule,
+            "cifar-100-python",
+            ("train", "test", "meta"),
+            "CIFAR-100 python version",
+        ),
     ],
 )
 def test_missing_folder_error_says_where_and_how(

@@ -11,8 +11,15 @@ from sobre.core.errors import ConfigError, UnknownNameError
 
 
 def test_every_dataset_is_registered() -> None:
-    assert data.DATASETS.names() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist1d",
-                                     "mnist5k", "synthetic"]
+    assert data.DATASETS.names() == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "imagefolder",
+        "mnist1d",
+        "mnist5k",
+        "synthetic",
+    ]
     assert data.DEFAULT_DATASET == "mnist5k"
     assert all(data.DATASETS.get(n).name == n for n in data.DATASETS.names())
 
@@ -37,11 +44,14 @@ def test_unknown_name_suggests_the_closest() -> None:
     assert "cifar10, cifar100, digits, imagefolder, mnist1d, mnist5k, synthetic" in message
 
 
-@pytest.mark.parametrize(("name", "key", "closest"), [
-    ("mnist5k", "batchsize", "batch_size"),
-    ("synthetic", "num_class", "num_classes"),
-    ("cifar10", "valsize", "val_size"),
-])
+@pytest.mark.parametrize(
+    ("name", "key", "closest"),
+    [
+        ("mnist5k", "batchsize", "batch_size"),
+        ("synthetic", "num_class", "num_classes"),
+        ("cifar10", "valsize", "val_size"),
+    ],
+)
 def test_unknown_keyword_suggests_the_closest_parameter(name: str, key: str, closest: str) -> None:
     with pytest.raises(ConfigError) as info:
         data.create(name, **{key: 1})

@@ -109,8 +109,12 @@ def test_datamodule_parameters_include_the_common_ones() -> None:
     assert list(params)[:2] == ["input_shape", "num_classes"]
     assert {"batch_size", "num_workers", "seed", "pin_memory"} <= set(params)
     assert params["batch_size"].default == 128
-    assert list(datamodule_parameters(SobreDataModule)) == ["batch_size", "num_workers", "seed",
-                                                            "pin_memory"]
+    assert list(datamodule_parameters(SobreDataModule)) == [
+        "batch_size",
+        "num_workers",
+        "seed",
+        "pin_memory",
+    ]
 
 
 class Recorder(pl.LightningModule):
@@ -135,9 +139,16 @@ def fit(
 ) -> tuple[Recorder, pl.Trainer]:
     model = Recorder()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, default_root_dir=tmp_path, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
     )
     datamodule = small(batch_size=8, seed=2, num_workers=num_workers)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)

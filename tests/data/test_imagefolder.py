@@ -21,8 +21,7 @@ def labels(dataset: torch.utils.data.Dataset) -> list[int]:
 
 
 def test_train_only_tree_is_carved_stratified(imagefolder_root: Path) -> None:
-    dm = ImageFolderDataModule(imagefolder_root, image_size=16, val_fraction=0.1,
-                               test_fraction=0.2)
+    dm = ImageFolderDataModule(imagefolder_root, image_size=16, val_fraction=0.1, test_fraction=0.2)
     assert (dm.name, dm.num_classes, dm.input_shape) == ("imagefolder", 3, (3, 16, 16))
     assert dm.class_names == ("cat", "dog", "emu")
     train, val, test = dm.train_dataset, dm.val_dataset, dm.test_dataset

@@ -29,8 +29,12 @@ def labels_of(dataset: Dataset) -> torch.Tensor:
 
 def test_mnist5k_attributes_before_setup() -> None:
     dm = MNIST5kDataModule()
-    assert (dm.name, dm.num_classes, dm.in_channels, dm.input_shape) == ("mnist5k", 10, 1,
-                                                                        (1, 28, 28))
+    assert (dm.name, dm.num_classes, dm.in_channels, dm.input_shape) == (
+        "mnist5k",
+        10,
+        1,
+        (1, 28, 28),
+    )
     assert dm.class_names == tuple("0123456789")
 
 

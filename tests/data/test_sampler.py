@@ -56,8 +56,9 @@ def test_shards_pad_by_repeating_the_head() -> None:
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), world_size=st.integers(1, 6), epoch=st.integers(0, 5))
 def test_shards_cover_everything_with_equal_lengths(n: int, world_size: int, epoch: int) -> None:
-    shards = [order(n, seed=3, epoch=epoch, rank=r, world_size=world_size)
-              for r in range(world_size)]
+    shards = [
+        order(n, seed=3, epoch=epoch, rank=r, world_size=world_size) for r in range(world_size)
+    ]
     expected_len = -(-n // world_size)
     assert all(len(s) == expected_len for s in shards)
     merged = [i for s in shards for i in s]

@@ -43,12 +43,15 @@ def test_a_linear_model_fits_it() -> None:
     assert accuracy >= 0.9
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"input_shape": ()}, "input_shape must be a non-empty tuple"),
-    ({"input_shape": (1, 0)}, "each input_shape entry must be an integer >= 1"),
-    ({"num_classes": 1}, "num_classes must be an integer >= 2"),
-    ({"test_fraction": 0.0}, "test_fraction must be a fraction"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input_shape": ()}, "input_shape must be a non-empty tuple"),
+        ({"input_shape": (1, 0)}, "each input_shape entry must be an integer >= 1"),
+        ({"num_classes": 1}, "num_classes must be an integer >= 2"),
+        ({"test_fraction": 0.0}, "test_fraction must be a fraction"),
+    ],
+)
 def test_bad_arguments_are_config_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SyntheticDataModule(**kwargs)

@@ -103,6 +103,8 @@ def create(name: str, **kwargs: Any) -> SobreDataModule:
             )
     missing = [p for p, spec in params.items() if spec.default is spec.empty and p not in kwargs]
     if missing:
-        raise ConfigError(f"dataset {name!r} needs {', '.join(missing)}; pass e.g. "
-                          f"create({name!r}, {missing[0]}=...)")
+        raise ConfigError(
+            f"dataset {name!r} needs {', '.join(missing)}; pass e.g. "
+            f"create({name!r}, {missing[0]}=...)"
+        )
     return cls(**kwargs)

@@ -45,22 +45,29 @@ def default_data_root() -> Path:
 def check_int(name: str, value: object, minimum: int) -> int:
     """``value`` if it is an int ``>= minimum``, else a :class:`ConfigError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. "
-                          f"{name}={max(minimum, 1)}")
+        raise ConfigError(
+            f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. "
+            f"{name}={max(minimum, 1)}"
+        )
     return value
 
 
 def check_fractions(**fractions: float) -> None:
     """Raise a :class:`ConfigError` unless each fraction is in (0, 1) and they sum below 1."""
     for key, fraction in fractions.items():
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-            0.0 < fraction < 1.0
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not (0.0 < fraction < 1.0)
         ):
-            raise ConfigError(f"{key} must be a fraction in (0, 1), got {fraction!r}; "
-                              f"pass e.g. {key}=0.1")
+            raise ConfigError(
+                f"{key} must be a fraction in (0, 1), got {fraction!r}; pass e.g. {key}=0.1"
+            )
     if sum(fractions.values()) >= 1.0:
-        raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in fractions.items())} leave no "
-                          "training data; make them sum below 1")
+        raise ConfigError(
+            f"{', '.join(f'{k}={v}' for k, v in fractions.items())} leave no "
+            "training data; make them sum below 1"
+        )
 
 
 def carve_sizes(n: int, **fractions: float) -> list[int]:
@@ -72,8 +79,10 @@ def carve_sizes(n: int, **fractions: float) -> list[int]:
     check_fractions(**fractions)
     sizes = [round(fraction * n) for fraction in fractions.values()]
     if min(sizes) < 1 or n - sum(sizes) < 1:
-        raise ConfigError(f"{n} samples are too few to carve {fractions} with every split "
-                          "non-empty; use more data or larger fractions")
+        raise ConfigError(
+            f"{n} samples are too few to carve {fractions} with every split "
+            "non-empty; use more data or larger fractions"
+        )
     return [n - sum(sizes), *sizes]
 
 
@@ -150,8 +159,9 @@ class SobreDataModule(pl.LightningDataModule):
         """Build the datasets once (every stage shares them)."""
         if self._splits is None:
             self._splits = self.build()
-            log.info("%s: %d train, %d val, %d test samples", self.name,
-                     *(len(s) for s in self._splits))  # type: ignore[arg-type]
+            log.info(
+                "%s: %d train, %d val, %d test samples", self.name, *(len(s) for s in self._splits)
+            )  # type: ignore[arg-type]
 
     def _built(self) -> Splits:
         self.setup()
@@ -198,8 +208,14 @@ class SobreDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset)
 
     def _loader(self, dataset: Dataset[Sample], sampler: EpochSampler | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
 
     def example_input(self, n: int = 2) -> Tensor:
         """The first ``n`` real training inputs, stacked: shape ``(n, *input_shape)``."""
@@ -229,4 +245,3 @@ def datamodule_parameters(cls: type[SobreDataModule]) -> dict[str, inspect.Param
         if not forwards:
             break
     return params
-

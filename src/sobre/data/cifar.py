@@ -85,8 +85,10 @@ def read_pickle(path: Path) -> dict[bytes, Any]:
     with open(path, "rb") as f:
         obj = RestrictedUnpickler(f, encoding="bytes").load()
     if not isinstance(obj, dict):
-        raise DataNotFoundError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict; "
-                                "replace it with a fresh copy from the official archive")
+        raise DataNotFoundError(
+            f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict; "
+            "replace it with a fresh copy from the official archive"
+        )
     return obj
 
 
@@ -178,8 +180,10 @@ def _read_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> tup
     for name in files:
         batch = read_pickle(folder / name)
         if b"data" not in batch or label_key not in batch:
-            raise DataNotFoundError(f"{folder / name} lacks b'data' or {label_key!r}; replace it "
-                                    "with a fresh copy from the official archive")
+            raise DataNotFoundError(
+                f"{folder / name} lacks b'data' or {label_key!r}; replace it "
+                "with a fresh copy from the official archive"
+            )
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
@@ -198,8 +202,10 @@ def _cifar_datasets(
     folder = cifar_folder(spec, root)
     x, y = _read_batches(folder, spec.train_files, label_key)
     if not 1 <= val_size < len(y):
-        raise ConfigError(f"val_size={val_size} must be in [1, {len(y) - 1}] for the {len(y)} "
-                          f"{spec.title} training images; pass a smaller val_size")
+        raise ConfigError(
+            f"val_size={val_size} must be in [1, {len(y) - 1}] for the {len(y)} "
+            f"{spec.title} training images; pass a smaller val_size"
+        )
     train_idx, val_idx = stratified_split(y, [len(y) - val_size, val_size], seed=data_seed)
     train = _ByteImages(x[train_idx], y[train_idx], spec)
     val = _ByteImages(x[val_idx], y[val_idx], spec)
@@ -227,14 +233,17 @@ def cifar10_datasets(
         seed: the training seed (augmentation only).
         data_seed: the seed of the validation split.
     """
-    return _cifar_datasets(CIFAR10, root, b"labels", val_size=val_size, augment=augment,
-                           seed=seed, data_seed=data_seed)
+    return _cifar_datasets(
+        CIFAR10, root, b"labels", val_size=val_size, augment=augment, seed=seed, data_seed=data_seed
+    )
 
 
 def _label_key(label_type: str) -> bytes:
     if label_type not in ("fine", "coarse"):
-        raise ConfigError(f"label_type={label_type!r} is not 'fine' (100 classes) or 'coarse' "
-                          "(20 superclasses); pass one of them")
+        raise ConfigError(
+            f"label_type={label_type!r} is not 'fine' (100 classes) or 'coarse' "
+            "(20 superclasses); pass one of them"
+        )
     return f"{label_type}_labels".encode()
 
 
@@ -257,8 +266,15 @@ def cifar100_datasets(
         seed: the training seed (augmentation only).
         data_seed: the seed of the validation split.
     """
-    return _cifar_datasets(CIFAR100, root, _label_key(label_type), val_size=val_size,
-                           augment=augment, seed=seed, data_seed=data_seed)
+    return _cifar_datasets(
+        CIFAR100,
+        root,
+        _label_key(label_type),
+        val_size=val_size,
+        augment=augment,
+        seed=seed,
+        data_seed=data_seed,
+    )
 
 
 class _CifarDataModule(SobreDataModule):
@@ -267,20 +283,30 @@ class _CifarDataModule(SobreDataModule):
     spec: ClassVar[CifarSpec]
 
     def _open(
-        self, root: str | Path | None, names_key: bytes, val_size: int, augment: bool,
+        self,
+        root: str | Path | None,
+        names_key: bytes,
+        val_size: int,
+        augment: bool,
         data_seed: int,
     ) -> None:
         """Check the folder, read the class names from the meta file, record the options."""
         self.folder = cifar_folder(self.spec, root)
         meta = read_pickle(self.folder / self.spec.meta_file)
         if names_key not in meta:
-            raise DataNotFoundError(f"{self.folder / self.spec.meta_file} lacks {names_key!r}; "
-                                    "replace it with a fresh copy from the official archive")
+            raise DataNotFoundError(
+                f"{self.folder / self.spec.meta_file} lacks {names_key!r}; "
+                "replace it with a fresh copy from the official archive"
+            )
         self.class_names = tuple(n.decode() for n in meta[names_key])
         self.num_classes = len(self.class_names)
         self.input_shape = (3, 32, 32)
-        self.options = {"val_size": check_int("val_size", val_size, 1), "augment": bool(augment),
-                        "seed": self.seed, "data_seed": check_int("data_seed", data_seed, 0)}
+        self.options = {
+            "val_size": check_int("val_size", val_size, 1),
+            "augment": bool(augment),
+            "seed": self.seed,
+            "data_seed": check_int("data_seed", data_seed, 0),
+        }
 
 
 @DATASETS.register("cifar10")
@@ -345,8 +371,13 @@ class CIFAR100DataModule(_CifarDataModule):
     ) -> None:
         super().__init__(**common)
         self.label_type = label_type
-        self._open(root, _label_key(label_type).replace(b"labels", b"label_names"), val_size,
-                   augment, data_seed)
+        self._open(
+            root,
+            _label_key(label_type).replace(b"labels", b"label_names"),
+            val_size,
+            augment,
+            data_seed,
+        )
 
     def build(self) -> Splits:
         """Read the files and carve the validation split."""

@@ -72,29 +72,38 @@ def imagefolder_datasets(
     classes = imagefolder_classes(root)
     channels = 1 if grayscale else 3
     steps: list[Any] = [transforms.Grayscale(1)] if grayscale else []
-    transform = transforms.Compose([
-        *steps,
-        transforms.Resize((image_size, image_size)),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5] * channels, [0.5] * channels),
-    ])
+    transform = transforms.Compose(
+        [
+            *steps,
+            transforms.Resize((image_size, image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * channels, [0.5] * channels),
+        ]
+    )
     train = ImageFolder(root / "train", transform=transform, target_transform=torch.tensor)
     given: dict[str, Dataset[Any]] = {}
     for split in ("val", "test"):
         if (root / split).is_dir():
             folder = ImageFolder(root / split, transform=transform, target_transform=torch.tensor)
             if tuple(folder.classes) != classes:
-                raise ConfigError(f"{root / split} has classes {folder.classes} but train/ has "
-                                  f"{list(classes)}; give both the same class folders")
+                raise ConfigError(
+                    f"{root / split} has classes {folder.classes} but train/ has "
+                    f"{list(classes)}; give both the same class folders"
+                )
             given[split] = folder
-    missing = {f"{s}_fraction": f for s, f in (("val", val_fraction), ("test", test_fraction))
-               if s not in given}
+    missing = {
+        f"{s}_fraction": f
+        for s, f in (("val", val_fraction), ("test", test_fraction))
+        if s not in given
+    }
     if not missing:
         return train, given["val"], given["test"]
     labels = torch.as_tensor(train.targets)
     chunks = stratified_split(labels, carve_sizes(len(labels), **missing), seed=data_seed)
-    carved = {key.removesuffix("_fraction"): Subset(train, idx.tolist())
-              for key, idx in zip(missing, chunks[1:], strict=True)}
+    carved = {
+        key.removesuffix("_fraction"): Subset(train, idx.tolist())
+        for key, idx in zip(missing, chunks[1:], strict=True)
+    }
     parts = {**given, **carved}
     return Subset(train, chunks[0].tolist()), parts["val"], parts["test"]
 
@@ -130,12 +139,19 @@ class ImageFolderDataModule(SobreDataModule):
         self.root = Path(root).expanduser()
         self.class_names = imagefolder_classes(self.root)
         self.num_classes = len(self.class_names)
-        self.input_shape = (1 if grayscale else 3, check_int("image_size", image_size, 1),
-                            image_size)
+        self.input_shape = (
+            1 if grayscale else 3,
+            check_int("image_size", image_size, 1),
+            image_size,
+        )
         check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.options = {"image_size": image_size, "grayscale": bool(grayscale),
-                        "val_fraction": val_fraction, "test_fraction": test_fraction,
-                        "data_seed": check_int("data_seed", data_seed, 0)}
+        self.options = {
+            "image_size": image_size,
+            "grayscale": bool(grayscale),
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "data_seed": check_int("data_seed", data_seed, 0),
+        }
 
     def build(self) -> Splits:
         """Read the tree and carve the missing splits."""

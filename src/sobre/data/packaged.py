@@ -138,8 +138,11 @@ class DigitsDataModule(SobreDataModule):
     ) -> None:
         super().__init__(**common)
         check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.options = {"val_fraction": val_fraction, "test_fraction": test_fraction,
-                        "data_seed": check_int("data_seed", data_seed, 0)}
+        self.options = {
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "data_seed": check_int("data_seed", data_seed, 0),
+        }
         self.num_classes = 10
         self.input_shape = (1, 8, 8)
         self.class_names = _DIGIT_NAMES
@@ -164,8 +167,10 @@ def _mnist1d_arrays(num_samples: int, data_seed: int) -> tuple[Tensor, Tensor, T
         np.random.set_state(numpy_state)
 
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
-        return (torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(1),
-                torch.from_numpy(np.asarray(y, dtype=np.int64)))
+        return (
+            torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(1),
+            torch.from_numpy(np.asarray(y, dtype=np.int64)),
+        )
 
     return (*tensors(data["x"], data["y"]), *tensors(data["x_test"], data["y_test"]))
 
@@ -214,8 +219,11 @@ class MNIST1DDataModule(SobreDataModule):
         super().__init__(**common)
         check_int("num_samples", num_samples, 20)
         check_fractions(val_fraction=val_fraction)
-        self.options = {"num_samples": num_samples, "val_fraction": val_fraction,
-                        "data_seed": check_int("data_seed", data_seed, 0)}
+        self.options = {
+            "num_samples": num_samples,
+            "val_fraction": val_fraction,
+            "data_seed": check_int("data_seed", data_seed, 0),
+        }
         self.num_classes = 10
         self.input_shape = (1, 40)
         self.class_names = _DIGIT_NAMES

@@ -57,8 +57,8 @@ class EpochSampler(Sampler[int]):
         world_size: int | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        self.world_size = world_size if world_size is not None else (
-            dist.get_world_size() if distributed else 1
+        self.world_size = (
+            world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
         )
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -25,8 +25,10 @@ __all__ = ["SyntheticDataModule", "as_shape", "synthetic_datasets"]
 def as_shape(value: Sequence[int]) -> tuple[int, ...]:
     """A per-sample shape from a non-empty tuple or list of positive ints (YAML gives lists)."""
     if not isinstance(value, (tuple, list)) or not value:
-        raise ConfigError(f"input_shape must be a non-empty tuple of ints, got {value!r}; "
-                          "pass e.g. input_shape=(1, 28, 28)")
+        raise ConfigError(
+            f"input_shape must be a non-empty tuple of ints, got {value!r}; "
+            "pass e.g. input_shape=(1, 28, 28)"
+        )
     return tuple(check_int("each input_shape entry", v, 1) for v in value)
 
 
@@ -60,8 +62,9 @@ def synthetic_datasets(
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=generator)]
     inputs = means[labels] + torch.randn(n, *shape, generator=generator)
     sizes = carve_sizes(n, val_fraction=val_fraction, test_fraction=test_fraction)
-    train, val, test = (TensorDataset(inputs[i], labels[i])
-                        for i in stratified_split(labels, sizes, seed=data_seed))
+    train, val, test = (
+        TensorDataset(inputs[i], labels[i]) for i in stratified_split(labels, sizes, seed=data_seed)
+    )
     return train, val, test
 
 
@@ -97,10 +100,14 @@ class SyntheticDataModule(SobreDataModule):
         self.num_classes = check_int("num_classes", num_classes, 2)
         self.class_names = tuple(f"class_{c}" for c in range(num_classes))
         check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
-        self.options = {"input_shape": self.input_shape, "num_classes": num_classes,
-                        "num_samples": check_int("num_samples", num_samples, 3),
-                        "val_fraction": val_fraction, "test_fraction": test_fraction,
-                        "data_seed": check_int("data_seed", data_seed, 0)}
+        self.options = {
+            "input_shape": self.input_shape,
+            "num_classes": num_classes,
+            "num_samples": check_int("num_samples", num_samples, 3),
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "data_seed": check_int("data_seed", data_seed, 0),
+        }
 
     def build(self) -> Splits:
         """Draw the samples and split them."""
