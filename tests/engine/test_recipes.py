@@ -61,8 +61,10 @@ def test_unknown_keys_suggest_the_closest(tiny_recipe, change, message):
 def test_wrong_types_are_reported_before_training(tiny_recipe, runs_dir):
     with pytest.raises(ConfigError, match=r"model.*lr.*float"):
         sobre.fit(tiny_recipe, overrides={"model.lr": "big"})
-    with pytest.raises(ConfigError, match=r"max_epochs"):
+    with pytest.raises(ConfigError, match=r"max_epochs: expected int \(got 'abc'\)"):
         sobre.fit(tiny_recipe, overrides={"trainer.max_epochs": "abc"})
+    with pytest.raises(ConfigError, match=r"one of 'adam', 'adamw', 'sgd'.*did you mean 'adam'"):
+        sobre.fit(tiny_recipe, overrides={"model.optimizer": "adamm"})
     assert not runs_dir.exists()  # nothing was created
 
 

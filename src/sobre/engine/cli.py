@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sobre`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Lightning's start-up chatter and a torch CUDA_HOME notice drown our one line per epoch.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").disabled = True  # torch resets its level
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     debug = "--debug" in argv
     try:
         return run(argv)

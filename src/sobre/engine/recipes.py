@@ -245,15 +245,29 @@ def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _REASON = re.compile(
-    r"(Expected a [^\n]*|Got value[^\n]*|Given value: [^\n]*|"
-    r"does not correspond[^\n]*|not accepted[^\n]*|required[^\n]*)"
+    r"(Expected a [^\n]*|Given value: [^\n]*|does not correspond[^\n]*|not accepted[^\n]*|"
+    r"required[^\n]*)"
 )
+_CLASS = re.compile(r"<class '([\w.]+)'>")
+_LITERAL = re.compile(r"typing\.Literal\[([^\]]*)\]")
+_GOT = re.compile(r"(?:Got value|Given value): ([^\n;]*)")
 
 
 def tidy_parser_error(err: BaseException, source: str) -> ConfigError:
-    """Turn a jsonargparse error (50 lines of usage and nested unions) into one line."""
+    """Turn a jsonargparse error (usage lines and nested unions) into one line with the fix."""
     text = str(err)
     path = ".".join(dict.fromkeys(_KEY.findall(text)))
-    reasons = list(dict.fromkeys(m.strip() for m in _REASON.findall(text)))
-    reason = "; ".join(reasons[:2]) or text.strip().splitlines()[0]
-    return ConfigError(f"{source}: invalid value for {path or 'the recipe'}: {reason}")
+    got = _GOT.search(text)
+    reasons = [
+        _LITERAL.sub(r"one of \1", _CLASS.sub(r"\1", m.strip())).split(". Got value")[0]
+        for m in _REASON.findall(text)
+        if "NoneType" not in m and not m.startswith("Given value")
+    ]
+    reason = "; ".join(dict.fromkeys(reasons)).replace("Expected a ", "expected ")
+    reason = reason or text.strip().splitlines()[0]
+    hint = ""
+    literal = _LITERAL.search(text)
+    if literal and got:
+        hint = suggest(got.group(1).strip(), re.findall(r"'([^']*)'", literal.group(1)))
+    shown = f" (got {got.group(1).strip()!r})" if got else ""
+    return ConfigError(f"{source}: invalid value for {path or 'the recipe'}: {reason}{shown}{hint}")
