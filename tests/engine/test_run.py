@@ -118,3 +118,16 @@ def test_stages_run_in_order_with_a_transform_between(tiny_recipe, runs_dir):
 def test_resume_needs_a_run_folder(tmp_path):
     with pytest.raises(ConfigError, match="not a sobre run folder"):
         sobre.fit(resume=tmp_path)
+
+
+def test_recipe_callbacks_are_lightning_callbacks(tiny_recipe, runs_dir):
+    tiny_recipe["trainer"]["max_epochs"] = 6
+    tiny_recipe["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+            "init_args": {"monitor": "val/acc", "mode": "max", "min_delta": 1.0, "patience": 0},
+        }
+    ]
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    result = sobre.fit(tiny_recipe)
+    assert len(read_run(result.run_dir).history["train"]) == 2  # stopped long before 6 epochs
