@@ -76,7 +76,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_recipe, runs_dir
     with pytest.raises(RuntimeError, match="killed"):
         sobre.fit(tiny_recipe, callbacks=[Crash(at=1)])
     crashed = sorted((runs_dir / "tiny").iterdir())[-1]
-    assert json.loads((crashed / "run.json").read_text())["status"] == "running"
+    state = json.loads((crashed / "run.json").read_text())
+    assert state["status"] == "failed" and "killed" in state["error"]
     resumed = sobre.fit(resume=crashed)
     assert resumed.run_dir == crashed
     history = read_run(crashed).history["train"]  # the curve before the crash is kept
@@ -131,3 +132,14 @@ def test_recipe_callbacks_are_lightning_callbacks(tiny_recipe, runs_dir):
     tiny_recipe["evaluate"] = {"measure": False, "report": False}
     result = sobre.fit(tiny_recipe)
     assert len(read_run(result.run_dir).history["train"]) == 2  # stopped long before 6 epochs
+
+
+def test_a_finished_run_folder_is_never_reused(tiny_recipe, runs_dir, monkeypatch):
+    tiny_recipe["trainer"]["max_epochs"] = 1
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    done = sobre.fit(tiny_recipe).run_dir
+    before = (done / "metrics.json").read_text()
+    monkeypatch.setenv("SOBRE_RUN_DIR", str(done))
+    with pytest.raises(ConfigError, match="finished run"):
+        sobre.fit(tiny_recipe)
+    assert (done / "metrics.json").read_text() == before

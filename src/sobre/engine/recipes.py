@@ -27,6 +27,7 @@ from sobre.core.registry import suggest
 SECTIONS = ("name", "seed", "data", "model", "trainer", "methods", "stages", "evaluate", "meta")
 DEFAULT_ROUTINE = "sobre.engine.routine.ClassificationRoutine"
 STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "trainer")
+EVALUATE_KEYS = ("test", "measure", "report")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -234,6 +235,10 @@ def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
     _check_class_node(out["data"], "data")
     _check_class_node(out["model"], "model", linked=("num_classes", "in_channels"))
     _check_class_node(out.get("methods") or [], "methods")
+    evaluate = out.get("evaluate") or {}
+    if not isinstance(evaluate, dict):
+        raise ConfigError("evaluate must be a mapping, e.g. `evaluate: {measure: false}`")
+    _check_keys(list(evaluate), EVALUATE_KEYS, "evaluate")
     for i, stage in enumerate(out.get("stages") or []):
         if not isinstance(stage, dict):
             raise ConfigError(f"stages.{i} must be a mapping with keys {', '.join(STAGE_KEYS)}")

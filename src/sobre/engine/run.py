@@ -144,6 +144,12 @@ def new_run_dir(runs_dir: str | Path | None, name: str) -> Path:
     exact = os.environ.get("SOBRE_RUN_DIR")
     if exact:
         path = Path(exact)
+        state = path / "run.json"
+        if state.is_file() and json.loads(state.read_text()).get("status") == "done":
+            raise ConfigError(
+                f"SOBRE_RUN_DIR={exact} holds a finished run, which is never overwritten; "
+                "point SOBRE_RUN_DIR to a new folder or unset it"
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
     base = Path(runs_dir or os.environ.get("SOBRE_RUNS_DIR") or "runs") / name
@@ -335,12 +341,16 @@ def fit(
         run.write("env.json", json.dumps(run.env, indent=1))
         log.info("run folder: %s", run_dir)
         run.save_state(status="running")
-        for i, stage in enumerate(run.stages):
-            if stage.name in run.state["stages_done"]:
-                continue
-            run.fit_stage(i, stage, callbacks)
-        run.evaluate()
-        run.save_state(status="done")
+        try:
+            for i, stage in enumerate(run.stages):
+                if stage.name in run.state["stages_done"]:
+                    continue
+                run.fit_stage(i, stage, callbacks)
+            run.evaluate()
+        except BaseException as err:
+            run.save_state(status="failed", error=f"{type(err).__name__}: {err}"[:500])
+            raise
+        run.save_state(status="done", error=None)
     finally:
         if os.environ.get("SOBRE_RUN_DIR") == str(run_dir) and resume is None:
             os.environ.pop("SOBRE_RUN_DIR", None)
