@@ -16,7 +16,7 @@ BLOCKS = [
 
 
 @pytest.mark.parametrize("code", BLOCKS)
-def test_docs_example_runs(code, capsys):
+def test_docs_example_runs(code, capsys, runs_dir):
     namespace: dict = {}
     exec(compile(code, "docs", "exec"), namespace)  # our own docs
     assert capsys.readouterr().out.strip(), "a docs example should show something"
