@@ -64,8 +64,13 @@ def test_checkpoint_loads_into_a_fresh_model(tiny_recipe, runs_dir):
         tree["optimizer_states"][0]["state"][0]["exp_avg"].shape
         == routine.net.features.conv1.weight.shape
     )
-    best.write_bytes(best.read_bytes()[:-16])
+    data = bytearray(best.read_bytes())
+    data[-16:] = bytes(b ^ 0xFF for b in data[-16:])  # same size, readable header
+    best.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
+        sobre.load(best)
+    best.write_bytes(bytes(data[:-16]))
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
         sobre.load(best)
 
 
@@ -143,3 +148,32 @@ def test_a_finished_run_folder_is_never_reused(tiny_recipe, runs_dir, monkeypatc
     with pytest.raises(ConfigError, match="finished run"):
         sobre.fit(tiny_recipe)
     assert (done / "metrics.json").read_text() == before
+
+
+def test_structure_edits_survive_a_crash_in_a_later_stage_and_reload(tiny_recipe, runs_dir):
+    tiny_recipe["stages"] = [
+        {"name": "train", "max_epochs": 1},
+        {
+            "name": "shallow",
+            "max_epochs": 2,
+            "transforms": [
+                {"class_path": "toys.Linearize", "init_args": {"site": "features.relu4"}}
+            ],
+        },
+    ]
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    full = sobre.fit(tiny_recipe)
+    assert isinstance(full.routine.net.features.relu4, torch.nn.Identity)
+    with pytest.raises(RuntimeError, match="killed"):
+        sobre.fit(tiny_recipe, callbacks=[Crash(at=1)])  # epoch 1 of stage "shallow"
+    crashed = sorted((runs_dir / "tiny").iterdir())[-1]
+    resumed = sobre.fit(resume=crashed)
+    assert resumed.metrics["test/acc"] == full.metrics["test/acc"]
+    a = load_tree(full.run_dir / "checkpoints/shallow/final.safetensors")[0]["state_dict"]
+    b = load_tree(crashed / "checkpoints/shallow/final.safetensors")[0]["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    loaded = sobre.load(crashed / "checkpoints/shallow/final.safetensors")
+    assert isinstance(loaded.net.features.relu4, torch.nn.Identity)
+    assert loaded.checkpoint_info["edits"][0]["op"] == "toy_identity"
+    x = resumed.datamodule.example_input(3)
+    assert torch.allclose(loaded(x), resumed.routine.eval()(x), atol=1e-6)

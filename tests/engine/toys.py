@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from sobre.core import dist
+from sobre.core.edits import structural_edit
 from sobre.core.masks import attach_mask, iter_masks
 from sobre.core.methods import Regularizer, StepContext
 from sobre.core.taps import FeatureTap
@@ -106,3 +107,21 @@ class ZeroHalfClassifier:
         mask.view(-1)[: mask.numel() // 2] = 1
         attach_mask(model.classifier, mask=mask)
         return model
+
+
+@structural_edit("toy_identity")
+def make_identity(model: nn.Module, site: str) -> nn.Module:
+    """A recorded structure edit: the activation at ``site`` becomes an Identity."""
+    parent, _, leaf = site.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    return model
+
+
+class Linearize:
+    """A ModelTransform made of a recorded edit (replayed on resume and on load)."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return make_identity(model, site=self.site)

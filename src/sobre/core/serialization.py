@@ -182,9 +182,14 @@ def save_tree(
     return path
 
 
-def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``info`` metadata of a saved tree, read from the tensor file's header only."""
-    return _read_doc(Path(path), check=False, tensors=False)[0]["info"]
+def read_info(path: str | os.PathLike[str], *, check: bool = False) -> dict[str, Any]:
+    """The ``info`` metadata of a saved tree, read from the tensor file's header only.
+
+    Args:
+        path: the ``.safetensors`` file.
+        check: first verify the whole file against the sha256 recorded in the sidecar.
+    """
+    return _read_doc(Path(path), check=check, tensors=False)[0]["info"]
 
 
 def _read_doc(path: Path, *, check: bool, tensors: bool = True) -> tuple[dict[str, Any], Any]:

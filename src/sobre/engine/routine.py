@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from sobre.core.errors import ConfigError
+from sobre.core.masks import restore_masks
 from sobre.core.methods import Regularizer, StepContext, total
 from sobre.core.taps import FeatureTap
 
@@ -146,6 +147,10 @@ class ClassificationRoutine(pl.LightningModule):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.step_context = None  # free the graph-holding features
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-attach the checkpoint's masks before Lightning loads the weights strictly."""
+        restore_masks(self, checkpoint["state_dict"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

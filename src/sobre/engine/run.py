@@ -26,10 +26,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 
+from sobre.core.edits import edit_log, replay
 from sobre.core.errors import CheckpointError, ConfigError, SobreError
 from sobre.core.masks import restore_masks
 from sobre.core.measure import measure
-from sobre.core.serialization import atomic_write_text, load_tree
+from sobre.core.serialization import atomic_write_text, load_tree, read_info
 from sobre.engine.callbacks import MethodCallback
 from sobre.engine.recipes import (
     apply_overrides,
@@ -172,8 +173,21 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> No
     except RuntimeError as err:
         raise CheckpointError(
             f"the checkpoint does not fit this model: {err}".splitlines()[0]
-            + " (was the structure changed by a transform?)"
+            + " (was the structure changed outside sobre.core.edits?)"
         ) from None
+
+
+def restore(routine: pl.LightningModule, path: str | Path) -> dict[str, Any]:
+    """Replay the checkpoint's structure edits on ``routine.net``, then load its weights."""
+    tree, info = load_tree(path)
+    if "state_dict" not in tree:
+        raise CheckpointError(
+            f"{str(path)!r} holds no weights: it was not written by a sobre run; load plain "
+            "weights with safetensors.torch.load_file"
+        )
+    routine.net = replay(routine.net, info.get("edits", []))
+    load_weights(routine, tree["state_dict"])
+    return info
 
 
 class _Run:
@@ -224,16 +238,23 @@ class _Run:
             "input_shape": list(dm.input_shape),
             "environment": self.env,
             "metrics": {k: float(v) for k, v in metrics.items() if v.numel() == 1},
+            "edits": edit_log(self.routine.net),
         }
 
     def fit_stage(self, index: int, stage: Stage, extra: Sequence[Callback]) -> None:
         ckpt_dir = self.dir / "checkpoints" / stage.name
-        if index > 0 and self.in_memory != self.stages[index - 1].name:
-            # resumed in a new process: start from the previous stage's final weights
-            prev = self.dir / "checkpoints" / self.stages[index - 1].name / "final.safetensors"
-            load_weights(self.routine, load_tree(prev)[0]["state_dict"])
-        for transform in stage.transforms:
-            self.routine.net = transform.apply(self.routine.net)
+        last = ckpt_dir / "last.safetensors"
+        if last.is_file():  # resuming this stage: rebuild its structure, Lightning loads the rest
+            self.routine.net = replay(self.routine.net, read_info(last).get("edits", []))
+        else:
+            if index > 0 and self.in_memory != self.stages[index - 1].name:
+                # resumed in a new process: start from the previous stage's final weights
+                restore(
+                    self.routine,
+                    ckpt_dir.parent / self.stages[index - 1].name / "final.safetensors",
+                )
+            for transform in stage.transforms:
+                self.routine.net = transform.apply(self.routine.net)
         if stage.lr is not None:
             self.routine.lr = stage.lr
         kwargs = {**self.trainer_kwargs, **stage.trainer}
@@ -241,7 +262,6 @@ class _Run:
             kwargs["max_epochs"] = stage.max_epochs
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *extra]
         self.trainer = make_trainer(self.dir, stage=stage.name, info=self.info, **kwargs)
-        last = ckpt_dir / "last.safetensors"
         self.trainer.fit(
             self.routine,
             datamodule=self.datamodule,
@@ -259,10 +279,7 @@ class _Run:
     def evaluate(self) -> None:
         last = self.stages[-1].name
         if self.trainer is None:  # resumed after the last stage had finished
-            load_weights(
-                self.routine,
-                load_tree(self.dir / "checkpoints" / last / "final.safetensors")[0]["state_dict"],
-            )
+            restore(self.routine, self.dir / "checkpoints" / last / "final.safetensors")
             self.trainer = make_trainer(
                 self.dir, stage=last, info=self.info, logger=False, **self.trainer_kwargs
             )
@@ -363,11 +380,11 @@ def load(path: str | Path) -> pl.LightningModule:
     Args:
         path: a ``.safetensors`` checkpoint written by a sobre run.
     """
-    tree, info = load_tree(path)
-    if "recipe" not in info or "state_dict" not in tree:
+    info = read_info(path)  # restore() below checks the file's sha256
+    if "recipe" not in info:
         raise CheckpointError(
-            f"{str(path)!r} holds no recipe or weights: it was not written by a "
-            "sobre run; load plain weights with safetensors.torch.load_file"
+            f"{str(path)!r} holds no recipe: it was not written by a sobre run; load plain "
+            "weights with safetensors.torch.load_file"
         )
     model_node = dict(info["recipe"]["model"])
     init_args = {
@@ -382,6 +399,5 @@ def load(path: str | Path) -> pl.LightningModule:
         routine = parser.instantiate(cfg).model
     except argparse.ArgumentError as err:
         raise tidy_parser_error(err, str(path)) from None
-    load_weights(routine, tree["state_dict"])
-    routine.checkpoint_info = info
+    routine.checkpoint_info = restore(routine, path)
     return routine.eval()
