@@ -79,3 +79,21 @@ def test_replay_errors_name_the_entry():
         replay(_mlp(), [{"op": "x", "module": "no_such_module_xyz", "params": {}}])
     with pytest.raises(ConfigError, match="did you mean 'test_shrink_hidden'"):
         replay(_mlp(), [{"op": "test_shrink_hiden", "params": {}}])
+
+
+@structural_edit("test_scale_first", runtime=("probe",))
+def scale_first(model: nn.Module, factor: float, probe: torch.Tensor | None = None) -> nn.Module:
+    """Scale the first layer; ``probe`` is only used to check the output stays finite."""
+    model[0].weight.data *= factor
+    if probe is not None and not torch.isfinite(model(probe)).all():
+        raise ConfigError("the scaled model is not finite on the probe")
+    return model
+
+
+def test_runtime_arguments_are_used_but_not_recorded():
+    out = scale_first(_mlp(), factor=2.0, probe=torch.randn(2, 4))
+    assert edit_log(out) == [
+        {"op": "test_scale_first", "module": __name__, "params": {"factor": 2.0}}
+    ]
+    rebuilt = replay(_mlp(), edit_log(out))
+    assert torch.equal(rebuilt[0].weight, out[0].weight)

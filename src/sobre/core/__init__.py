@@ -6,6 +6,7 @@
 - ``measure``: parameters, FLOPs, latency, saved-activation and peak memory, depth.
 - ``methods``: the method protocols (:class:`Regularizer`, hooks) and :class:`StepContext`.
 - ``serialization``: safetensors + JSON files, written atomically, read without unpickling.
+- ``edits``: atomic, recorded structure edits, replayed when a checkpoint is loaded.
 - ``registry``/``errors``: named registries with "did you mean" errors.
 """
 

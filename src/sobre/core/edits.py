@@ -37,16 +37,19 @@ def edit_log(model: nn.Module) -> list[dict[str, Any]]:
     return copy.deepcopy(getattr(model, LOG_ATTR, []))
 
 
-def structural_edit(name: str) -> Callable[[EditFn], EditFn]:
+def structural_edit(name: str, *, runtime: Sequence[str] = ()) -> Callable[[EditFn], EditFn]:
     """Register ``fn(model, **params) -> model`` as the edit ``name``: atomic and recorded.
 
     The wrapped function receives a deep copy of the model; the caller's model is returned
-    unchanged if it raises. Keyword arguments are the recorded params and must be JSON-able.
+    unchanged if it raises. Keyword arguments are the recorded params and must be JSON-able,
+    except those named in ``runtime`` (e.g. example inputs used only to check or decide): they
+    are passed on but not recorded, so the function must not need them to replay.
     """
 
     def deco(fn: EditFn) -> EditFn:
         @functools.wraps(fn)
-        def wrapper(model: M, **params: Any) -> M:
+        def wrapper(model: M, **kwargs: Any) -> M:
+            params = {k: v for k, v in kwargs.items() if k not in runtime}
             try:
                 json.dumps(params)
             except TypeError as err:
@@ -55,7 +58,7 @@ def structural_edit(name: str) -> Callable[[EditFn], EditFn]:
                     "tensors as lists"
                 ) from None
             work = copy.deepcopy(model)
-            out = fn(work, **params)
+            out = fn(work, **kwargs)
             log = [
                 *getattr(model, LOG_ATTR, []),
                 {"op": name, "module": fn.__module__, "params": copy.deepcopy(params)},
