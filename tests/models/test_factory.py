@@ -13,7 +13,16 @@ from torch import nn
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.models import CifarResNet, create, names, replace_first_conv
 
-OURS = ["lenet5", "mlp", "resnet20", "resnet32", "resnet56", "small_cnn", "vit_tiny28"]
+OURS = [
+    "lenet5",
+    "mlp",
+    "residual_mlp",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "small_cnn",
+    "vit_tiny28",
+]
 
 
 def test_names_lists_our_nets() -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import depth
 from sobre.models import MLP, create
 
 
@@ -44,3 +45,25 @@ def test_relus_are_distinct_modules() -> None:
     relus = [m for m in MLP(hidden=(16, 16, 16)).modules() if isinstance(m, nn.ReLU)]
     assert len({id(m) for m in relus}) == 3
     assert not any(m.inplace for m in relus)
+
+
+def test_residual_mlp_blocks_preserve_shape_and_count_sites():
+    plain = create("residual_mlp", num_classes=10, in_channels=1, width=16, blocks=8)
+    x = torch.randn(3, 1, 28, 28)
+    assert plain(x).shape == (3, 10)
+    assert sum(isinstance(m, nn.ReLU) for m in plain.modules()) == 8
+    assert depth(plain, x) == 8
+    post = create(
+        "residual_mlp",
+        width=16,
+        blocks=3,
+        batch_norm=True,
+        post_activation=True,
+        in_features=40,
+        in_channels=1,
+    )
+    assert sum(isinstance(m, nn.ReLU) for m in post.modules()) == 6
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in post.modules()) == 6
+    h = torch.randn(4, 16)
+    assert post.blocks[1](h).shape == h.shape
+    assert post(torch.randn(4, 40)).shape == (4, 10)
