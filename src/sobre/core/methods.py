@@ -8,7 +8,7 @@ A plain loop calls the hooks in this order (``sobre.engine``'s Lightning adapter
             with FeatureTap(model, method.needs_features, detach=False) as tap:
                 out = model(x)
             ctx = StepContext(model, x, y, out, tap.features, step, epoch)
-            loss = criterion(out, y) + sum(total(method(ctx)))  # Regularizer terms
+            loss = task_weight([method]) * criterion(out, y) + total(method.terms(ctx))
             loss.backward()
             method.after_backward(model, ctx)                 # GradientHook
             optimizer.step(); optimizer.zero_grad()
@@ -18,7 +18,8 @@ A plain loop calls the hooks in this order (``sobre.engine``'s Lightning adapter
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,11 +46,14 @@ class Regularizer(nn.Module):
 
     Weights and warm-ups are constructor arguments of the regulariser, never flags of the loop.
     ``needs_features`` lists :class:`~sobre.core.taps.FeatureTap` selectors whose outputs the loop
-    must record (attached to the graph) and pass in ``ctx.features``.
+    must record (attached to the graph) and pass in ``ctx.features``. ``task_weight`` scales the
+    task loss for objectives that replace part of it (``1 - α`` in knowledge distillation); the
+    loop multiplies the task loss by the product of its regularisers' task weights.
     """
 
     name: str = "reg"
     needs_features: tuple[str, ...] = ()
+    task_weight: float = 1.0
 
     def forward(
         self, ctx: StepContext
@@ -60,6 +64,11 @@ class Regularizer(nn.Module):
         """``self(ctx)`` as a dict of named terms (a bare tensor is named after the regulariser)."""
         out = self(ctx)
         return {self.name: out} if isinstance(out, Tensor) else dict(out)
+
+
+def task_weight(regularizers: Iterable[Regularizer]) -> float:
+    """The factor on the task loss: the product of the regularisers' ``task_weight``."""
+    return math.prod(r.task_weight for r in regularizers)
 
 
 def total(terms: Mapping[str, Tensor]) -> Tensor:

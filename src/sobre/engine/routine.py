@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import restore_masks
-from sobre.core.methods import Regularizer, StepContext, total
+from sobre.core.methods import Regularizer, StepContext, task_weight, total
 from sobre.core.taps import FeatureTap
 
 Stage = Literal["train", "val", "test"]
@@ -118,7 +118,7 @@ class ClassificationRoutine(pl.LightningModule):
             epoch=self.current_epoch,
             stage="train",
         )
-        terms = {"task": self.criterion(logits, y)}
+        terms = {"task": task_weight(self.regularizers) * self.criterion(logits, y)}
         for reg in self.regularizers:
             terms.update({k: v for k, v in reg.terms(ctx).items()})
         loss = total(terms)
