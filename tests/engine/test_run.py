@@ -177,3 +177,35 @@ def test_structure_edits_survive_a_crash_in_a_later_stage_and_reload(tiny_recipe
     assert loaded.checkpoint_info["edits"][0]["op"] == "toy_identity"
     x = resumed.datamodule.example_input(3)
     assert torch.allclose(loaded(x), resumed.routine.eval()(x), atol=1e-6)
+
+
+def test_repeated_stages_with_data_dependent_transforms(tiny_recipe, runs_dir):
+    tiny_recipe["stages"] = [
+        {"name": "train", "max_epochs": 1},
+        {
+            "name": "prune",
+            "max_epochs": 1,
+            "repeat": 2,
+            "transforms": [{"class_path": "toys.ProbeAndMask"}],
+        },
+    ]
+    result = sobre.fit(tiny_recipe)
+    stages = result.metrics["stages"]
+    assert list(stages) == ["train", "prune_1", "prune_2"]
+    assert stages["prune_2"]["transforms"] == [
+        {"transform": "ProbeAndMask", "batches": 5, "calls": 2}  # 80 train samples / 16
+    ]
+    dense, pruned = stages["train"]["measure"], stages["prune_1"]["measure"]
+    assert dense["nonzero_params"] - pruned["nonzero_params"] == pytest.approx(
+        result.routine.net.classifier.weight.numel() // 2, abs=2
+    )
+    assert (result.run_dir / "figures/stage_curves.png").is_file()
+
+
+def test_bad_stages_are_refused(tiny_recipe, runs_dir):
+    tiny_recipe["stages"] = [{"name": "a"}, {"name": "a"}]
+    with pytest.raises(ConfigError, match="unique"):
+        sobre.fit(tiny_recipe)
+    tiny_recipe["stages"] = [{"name": "a", "transforms": [{"class_path": "torch.nn.ReLU"}]}]
+    with pytest.raises(ConfigError, match="ModelTransform"):
+        sobre.fit(tiny_recipe)

@@ -125,3 +125,19 @@ class Linearize:
 
     def apply(self, model: nn.Module) -> nn.Module:
         return make_identity(model, site=self.site)
+
+
+class ProbeAndMask:
+    """A data-dependent transform: reads the training loader, masks half the classifier, reports."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.calls = 0
+
+    def apply(self, model: nn.Module, loader) -> nn.Module:
+        self.calls += 1
+        self.batches = sum(1 for _ in loader)
+        return ZeroHalfClassifier().apply(model)
+
+    def report(self) -> dict[str, int]:
+        return {"batches": self.batches, "calls": self.calls}

@@ -132,6 +132,36 @@ def learning_curves(run: RunFiles) -> Figure | None:
     return fig
 
 
+@PLOTS.register("stage_curves")
+def stage_curves(run: RunFiles) -> Figure | None:
+    """Validation accuracy after each fit stage against sparsity and against depth."""
+    stages = {
+        k: v for k, v in run.metrics.get("stages", {}).items() if "measure" in v and "val/acc" in v
+    }
+    if len(stages) < 2:
+        return None
+    names = list(stages)
+    acc = [stages[n]["val/acc"] for n in names]
+    meas = [stages[n]["measure"] for n in names]
+    sparsity = [1.0 - m["nonzero_params"] / m["params"] for m in meas]
+    depth = [m["depth"] for m in meas]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    for ax, xs, label in (
+        (axes[0], sparsity, "sparsity (fraction of zero parameters)"),
+        (axes[1], depth, "depth (non-linear layers on the longest path)"),
+    ):
+        ax.plot(xs, acc, "-o", ms=4)
+        for x, y, name in zip(xs, acc, names, strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+    axes[1].invert_xaxis()  # depth goes down as layers are removed
+    axes[0].set_title("accuracy vs sparsity")
+    axes[1].set_title("accuracy vs depth")
+    return fig
+
+
 def _metrics_table(metrics: dict[str, Any]) -> str:
     flat = {k: v for k, v in sorted(metrics.items()) if isinstance(v, int | float)}
     lines = ["| metric | value |", "|---|---|"]

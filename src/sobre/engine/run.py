@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
+import inspect
 import json
 import logging
 import os
@@ -46,13 +48,38 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """One fit of a recipe. ``transforms`` (ModelTransform objects) run before it starts."""
+    """One fit of a recipe. ``transforms`` (ModelTransform objects) run before it starts.
+
+    A transform whose ``apply`` takes a ``loader`` argument receives the training loader (e.g. to
+    measure activation entropy); one with a ``report()`` method has it stored with the stage's
+    metrics. ``repeat: k`` runs the stage k times, named ``<name>_1`` ... ``<name>_k``.
+    """
 
     name: str = "train"
     max_epochs: int | None = None
     lr: float | None = None
     transforms: list[Any] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
+    repeat: int = 1
+
+
+def expand_stages(stages: Sequence[Stage]) -> list[Stage]:
+    """Stages with ``repeat`` unrolled; names must be unique."""
+    out: list[Stage] = []
+    for stage in stages:
+        if stage.repeat < 1:
+            raise ConfigError(f"stage {stage.name!r}: repeat must be >= 1, got {stage.repeat}")
+        if stage.repeat == 1:
+            out.append(stage)
+            continue
+        out += [
+            dataclasses.replace(stage, name=f"{stage.name}_{i}", repeat=1)
+            for i in range(1, stage.repeat + 1)
+        ]
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique, got {names}")
+    return out
 
 
 @dataclass
@@ -197,7 +224,7 @@ class _Run:
         self.dir, self.recipe, self.cfg = run_dir, recipe, cfg
         self.datamodule, self.routine = objs.data, objs.model
         self.methods = [MethodCallback(m) for m in objs.methods or []]
-        self.stages: list[Stage] = objs.stages or [Stage()]
+        self.stages = expand_stages(objs.stages or [Stage()])
         given = recipe.get("trainer") or {}  # the parser also fills every Trainer default
         self.trainer_kwargs = {k: v for k, v in dict(objs.trainer).items() if k in given}
         self.trainer: pl.Trainer | None = None
@@ -207,8 +234,9 @@ class _Run:
             if self.state_file.is_file()
             else {"stages_done": []}
         )
-        self.metrics: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {"stages": dict(self.state.get("stages", {}))}
         self.stage_metrics: dict[str, float] = {}
+        self.transform_reports: list[dict[str, Any]] = self.state.get("transform_reports", [])
         self.in_memory: str | None = None  # the stage whose final weights the routine holds
         self.env = environment()
 
@@ -253,8 +281,8 @@ class _Run:
                     self.routine,
                     ckpt_dir.parent / self.stages[index - 1].name / "final.safetensors",
                 )
-            for transform in stage.transforms:
-                self.routine.net = transform.apply(self.routine.net)
+            self.transform_reports = [self.apply_transform(t) for t in stage.transforms]
+            self.save_state(transform_reports=self.transform_reports)  # kept for a resume
         if stage.lr is not None:
             self.routine.lr = stage.lr
         kwargs = {**self.trainer_kwargs, **stage.trainer}
@@ -272,9 +300,32 @@ class _Run:
         self.stage_metrics = {
             k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1
         }
-        self.metrics.setdefault("stages", {})[stage.name] = self.stage_metrics
-        self.save_state(stages_done=[*self.state["stages_done"], stage.name])
+        record: dict[str, Any] = dict(self.stage_metrics)
+        if self.is_zero:  # per-stage size and depth, for accuracy-vs-sparsity/depth curves
+            example = self.datamodule.example_input(1).to(self.routine.device)
+            record["measure"] = measure(self.routine.net, example, latency=False).to_dict()
+        if any(self.transform_reports):
+            record["transforms"] = self.transform_reports
+        self.metrics["stages"][stage.name] = record
+        self.save_state(
+            stages_done=[*self.state["stages_done"], stage.name], stages=self.metrics["stages"]
+        )
         self.in_memory = stage.name
+
+    def apply_transform(self, transform: Any) -> dict[str, Any]:
+        """Apply a stage transform (with the training loader if it asks for one)."""
+        if getattr(type(transform), "apply", None) in (None, nn.Module.apply):
+            raise ConfigError(
+                f"{type(transform).__name__} is not a ModelTransform: it needs "
+                "apply(model) -> model"
+            )
+        kwargs = {}
+        if "loader" in inspect.signature(transform.apply).parameters:
+            self.datamodule.setup("fit")
+            kwargs["loader"] = self.datamodule.train_dataloader()
+        self.routine.net = transform.apply(self.routine.net, **kwargs)
+        report = getattr(transform, "report", None)
+        return {"transform": type(transform).__name__, **report()} if callable(report) else {}
 
     def evaluate(self) -> None:
         last = self.stages[-1].name
