@@ -52,6 +52,7 @@ def test_normalize_expands_short_names(tiny_recipe):
         ({"trainr.max_epochs": 1}, r"recipe\.trainr; did you mean 'trainer'"),
         ({"model.num_classes": 4}, r"set from the data section"),
         ({"evaluate.mesure": False}, r"evaluate\.mesure; did you mean 'measure'"),
+        ({"evaluate.checkpoint": "last"}, r"'best' .* or 'final'"),
     ],
 )
 def test_unknown_keys_suggest_the_closest(tiny_recipe, change, message):

@@ -209,3 +209,13 @@ def test_bad_stages_are_refused(tiny_recipe, runs_dir):
     tiny_recipe["stages"] = [{"name": "a", "transforms": [{"class_path": "torch.nn.ReLU"}]}]
     with pytest.raises(ConfigError, match="ModelTransform"):
         sobre.fit(tiny_recipe)
+
+
+def test_evaluate_final_weights_instead_of_best(tiny_recipe, runs_dir):
+    tiny_recipe["evaluate"] = {"checkpoint": "final", "measure": False, "report": False}
+    result = sobre.fit(tiny_recipe)
+    final = load_tree(result.run_dir / "checkpoints/train/final.safetensors")[0]["state_dict"]
+    assert all(torch.equal(final[k], v) for k, v in result.routine.state_dict().items())
+    dm, net = result.datamodule, result.routine.net.eval()
+    correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
+    assert result.metrics["test/acc"] == pytest.approx(correct / len(dm.test_dataset))

@@ -27,7 +27,7 @@ from sobre.core.registry import suggest
 SECTIONS = ("name", "seed", "data", "model", "trainer", "methods", "stages", "evaluate", "meta")
 DEFAULT_ROUTINE = "sobre.engine.routine.ClassificationRoutine"
 STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "trainer", "repeat")
-EVALUATE_KEYS = ("test", "measure", "report")
+EVALUATE_KEYS = ("test", "measure", "report", "checkpoint")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -239,6 +239,11 @@ def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(evaluate, dict):
         raise ConfigError("evaluate must be a mapping, e.g. `evaluate: {measure: false}`")
     _check_keys(list(evaluate), EVALUATE_KEYS, "evaluate")
+    if evaluate.get("checkpoint", "best") not in ("best", "final"):
+        raise ConfigError(
+            f"evaluate.checkpoint is 'best' (best val/acc of the last stage) or 'final' (its last "
+            f"weights, e.g. when a method prunes during the stage), got {evaluate['checkpoint']!r}"
+        )
     for i, stage in enumerate(out.get("stages") or []):
         if not isinstance(stage, dict):
             raise ConfigError(f"stages.{i} must be a mapping with keys {', '.join(STAGE_KEYS)}")

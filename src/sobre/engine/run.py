@@ -102,7 +102,7 @@ def build_parser() -> LightningArgumentParser:
     parser.add_lightning_class_args(pl.LightningDataModule, "data", subclass_mode=True)
     parser.add_argument("--methods", type=list[Any] | None, default=None)
     parser.add_argument("--stages", type=list[Stage] | None, default=None)
-    parser.add_argument("--evaluate", type=dict[str, bool], default={})
+    parser.add_argument("--evaluate", type=dict[str, bool | str], default={})
     parser.add_argument("--meta", type=dict[str, Any], default={})
     parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
     parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
@@ -335,11 +335,12 @@ class _Run:
                 self.dir, stage=last, info=self.info, logger=False, **self.trainer_kwargs
             )
         best = self.dir / "checkpoints" / last / "best.safetensors"
+        use_best = self.cfg.evaluate.get("checkpoint", "best") == "best" and best.is_file()
         if self.cfg.evaluate.get("test", True):
             out = self.trainer.test(
                 self.routine,
                 datamodule=self.datamodule,
-                ckpt_path=str(best) if best.is_file() else None,
+                ckpt_path=str(best) if use_best else None,
                 weights_only=True,
                 verbose=False,
             )
