@@ -62,7 +62,7 @@ def test_fit_measure_report_recipes(tmp_path, tiny_recipe, capsys, runs_dir):
     assert main(["measure", "--checkpoint", str(best), "--json", str(tmp_path / "m.json")]) == 0
     table = capsys.readouterr().out
     measured = json.loads((tmp_path / "m.json").read_text())
-    assert "parameters" in table and measured["input_shape"] == [[1, 1, 8, 8]]
+    assert "parameters" in table and measured["input_shape"] == [[2, 1, 8, 8]]
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").is_file() and (run_dir / "figures/learning_curves.png").is_file()
     assert main(["recipes", str(ROOT / "recipes")]) == 0

@@ -12,7 +12,7 @@ from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
 from sobre.core.taps import FeatureTap
 from sobre.models import create
-from sobre.prune.lacoot import LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
+from sobre.prune.lacoot import CollapseBlocks, LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
 
 
 def test_max_sliced_w2_matches_pot_with_the_same_directions():
@@ -91,8 +91,15 @@ def test_penalty_is_zero_for_identity_blocks_and_pulls_blocks_towards_identity()
         out = net(x)
     penalty = reg(StepContext(net, x, None, out, tap.features)).detach()
     assert float(penalty) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ConfigError, match="at least one"):
+    with pytest.raises(ConfigError, match="pairs='auto' or a list"):
         LaCoOT([])
+    with pytest.raises(ConfigError, match="input_shape"):
+        LaCoOT("auto")
+    auto = LaCoOT("auto", input_shape=[1, 28, 28])
+    with pytest.raises(ConfigError, match="set up first"):
+        auto(StepContext(net, x, None, out, tap.features))
+    auto.setup(net)
+    assert auto.pairs == [tuple(p) for p in pairs]
 
 
 def test_rank_blocks_puts_the_identity_block_first():
@@ -105,3 +112,26 @@ def test_rank_blocks_puts_the_identity_block_first():
     assert ranked[0].block == "blocks.1" and ranked[0].distance == pytest.approx(0.0, abs=1e-6)
     assert [d.distance for d in ranked] == sorted(d.distance for d in ranked)
     assert net.training  # mode restored
+
+
+def test_collapse_blocks_removes_the_identity_block_and_reports():
+    torch.manual_seed(0)
+    net = create("residual_mlp", num_classes=10, in_channels=1, width=16, blocks=3)
+    torch.nn.init.zeros_(net.blocks[2].fc2.weight)
+    torch.nn.init.zeros_(net.blocks[2].fc2.bias)
+    data = [(torch.randn(16, 1, 28, 28), torch.zeros(16)) for _ in range(2)]
+    collapse = CollapseBlocks(k=1, n_projections=10)
+    out = collapse.apply(net, data)
+    assert isinstance(out.blocks[2], torch.nn.Identity) and not isinstance(
+        net.blocks[2], torch.nn.Identity
+    )
+    report = collapse.report()
+    assert report["removed"] == ["blocks.2"] and set(report["distances"]) == {
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+    }
+    x = data[0][0]
+    assert torch.allclose(out.eval()(x), net.eval()(x), atol=1e-6)  # that block was the identity
+    with pytest.raises(ConfigError, match="only 3 removable"):
+        CollapseBlocks(k=4).apply(net, data)

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         help="params, FLOPs, latency, memory and depth of a checkpoint",
     )
     measure.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run")
-    measure.add_argument("--batch-size", type=int, default=1, help="inputs per forward (default 1)")
+    measure.add_argument("--batch-size", type=int, default=2, help="inputs per forward (default 2)")
     measure.add_argument("--json", help="also write the result to this JSON file")
     report = sub.add_parser("report", help="write report.md and figures for a run folder")
     report.add_argument("run_dir")

@@ -187,7 +187,7 @@ def report(run_dir: str | Path) -> Path:
     if run.measure:
         parts += [
             "",
-            "## Measurement (one sample)",
+            "## Measurement (batch of 2 inputs)",
             "",
             "```",
             Measurement.from_dict(run.measure).table(),

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import restore_masks
-from sobre.core.methods import Regularizer, StepContext, task_weight, total
+from sobre.core.methods import Regularizer, SetupHook, StepContext, task_weight, total
 from sobre.core.taps import FeatureTap
 
 Stage = Literal["train", "val", "test"]
@@ -97,6 +97,12 @@ class ClassificationRoutine(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        """Let regularisers that resolve something from the model (``setup(model)``) do it."""
+        for reg in self.regularizers:
+            if isinstance(reg, SetupHook):
+                reg.setup(self.net)
 
     def _tap(self) -> contextlib.AbstractContextManager[Any]:
         selectors = [s for r in self.regularizers for s in r.needs_features]

@@ -45,6 +45,8 @@ from sobre.engine.trainer import make_trainer
 
 log = logging.getLogger(__name__)
 
+MEASURE_BATCH = 2  # batch norm needs more than one value per channel in training mode
+
 
 @dataclass
 class Stage:
@@ -302,7 +304,7 @@ class _Run:
         }
         record: dict[str, Any] = dict(self.stage_metrics)
         if self.is_zero:  # per-stage size and depth, for accuracy-vs-sparsity/depth curves
-            example = self.datamodule.example_input(1).to(self.routine.device)
+            example = self.datamodule.example_input(MEASURE_BATCH).to(self.routine.device)
             record["measure"] = measure(self.routine.net, example, latency=False).to_dict()
         if any(self.transform_reports):
             record["transforms"] = self.transform_reports
@@ -349,10 +351,10 @@ class _Run:
             if key in self.stage_metrics:
                 self.metrics[key.removesuffix("_epoch")] = self.stage_metrics[key]
         if self.is_zero and self.cfg.evaluate.get("measure", True):
-            example = self.datamodule.example_input(1).to(self.routine.device)
+            example = self.datamodule.example_input(MEASURE_BATCH).to(self.routine.device)
             result = measure(self.routine.net, example)
             self.write("measure.json", json.dumps(result.to_dict(), indent=1))
-            log.info("measurement (one sample):\n%s", result.table())
+            log.info("measurement (batch of %d):\n%s", MEASURE_BATCH, result.table())
         self.write("metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
         if self.is_zero and self.cfg.evaluate.get("report", True):
             from sobre.engine.report import report

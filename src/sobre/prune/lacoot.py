@@ -120,28 +120,53 @@ class LaCoOT(Regularizer):
     """The LaCoOT penalty ``lam * mean over pairs of MSWD(input of block, output of block)``.
 
     Args:
-        pairs: ``(a, b)`` module names whose outputs are compared (use :func:`auto_pairs`).
+        pairs: ``(a, b)`` module names whose outputs are compared, or ``"auto"``: every
+            shape-preserving block (:func:`auto_pairs`), found in :meth:`setup` on zeros of
+            ``input_shape``.
         lam: weight λ (paper: 5 for ResNet-18, 9 for MobileNetV2, 0.1-1 for Swin-T).
         n_projections: random directions per distance.
+        input_shape: one sample's shape, e.g. ``[1, 28, 28]`` (only with ``pairs="auto"``).
     """
 
     name = "lacoot"
 
     def __init__(
-        self, pairs: Sequence[Sequence[str]], lam: float = 1.0, n_projections: int = 50
+        self,
+        pairs: Sequence[Sequence[str]] | str = "auto",
+        lam: float = 1.0,
+        n_projections: int = 50,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if not pairs:
-            raise ConfigError("LaCoOT needs at least one (input_module, block) pair")
         if lam < 0 or n_projections < 1:
             raise ConfigError(
                 f"LaCoOT needs lam >= 0 and n_projections >= 1, got {lam}, {n_projections}"
             )
-        self.pairs = [(str(a), str(b)) for a, b in pairs]
+        if pairs == "auto":
+            if input_shape is None:
+                raise ConfigError("LaCoOT(pairs='auto') needs input_shape, e.g. [1, 28, 28]")
+            self.input_shape: tuple[int, ...] | None = tuple(input_shape)
+            self.pairs: list[Pair] = []
+        elif isinstance(pairs, str) or not pairs:
+            raise ConfigError("LaCoOT needs pairs='auto' or a list of (input_module, block) pairs")
+        else:
+            self.input_shape = None
+            self._set_pairs(pairs)
         self.lam, self.n_projections = lam, n_projections
+
+    def _set_pairs(self, pairs: Sequence[Sequence[str]]) -> None:
+        self.pairs = [(str(a), str(b)) for a, b in pairs]
         self.needs_features = tuple(dict.fromkeys(n for p in self.pairs for n in p))
 
+    def setup(self, model: nn.Module) -> None:
+        """Find the pairs when ``pairs="auto"`` (call before training; the engine does)."""
+        if self.input_shape is not None:
+            device = next(model.parameters()).device
+            self._set_pairs(auto_pairs(model, torch.zeros(2, *self.input_shape, device=device)))
+
     def forward(self, ctx: StepContext) -> Tensor:
+        if not self.pairs:
+            raise ConfigError("LaCoOT(pairs='auto') must be set up first: call setup(model)")
         feats = ctx.features
         dists = [max_sliced_w2(feats[a], feats[b], self.n_projections) for a, b in self.pairs]
         return self.lam * torch.stack(dists).mean()
@@ -200,3 +225,55 @@ def remove_blocks(
     for block in blocks:
         model = remove_block(model, block=block, example_inputs=example_inputs)
     return model
+
+
+class CollapseBlocks:
+    """Stage transform: replace the ``k`` blocks closest to the identity (no fine-tuning).
+
+    Blocks are ranked with :func:`rank_blocks` on the loader the engine passes (the training
+    split; the paper ranks on validation data). Use after a stage trained with :class:`LaCoOT`,
+    in a stage with ``max_epochs: 0`` to evaluate the collapsed model as it is.
+
+    Args:
+        k: number of blocks to remove.
+        pairs: ``"auto"`` (every shape-preserving block) or explicit ``(input_module, block)``.
+        n_projections: random directions per distance.
+        max_batches: batches used for the ranking (all by default).
+    """
+
+    def __init__(
+        self,
+        k: int = 1,
+        pairs: Sequence[Sequence[str]] | str = "auto",
+        n_projections: int = 50,
+        max_batches: int | None = None,
+    ) -> None:
+        if k < 1:
+            raise ConfigError(f"CollapseBlocks needs k >= 1, got {k}")
+        self.k, self.pairs = k, pairs
+        self.n_projections, self.max_batches = n_projections, max_batches
+        self._report: dict[str, Any] = {}
+
+    def apply(self, model: nn.Module, loader: Iterable[Any]) -> nn.Module:
+        first = next(iter(loader))
+        example = (first[0] if isinstance(first, list | tuple) else first)[:2]
+        example = example.to(next(model.parameters()).device)
+        pairs = auto_pairs(model, example) if self.pairs == "auto" else self.pairs
+        ranked = rank_blocks(
+            model, loader, pairs, n_projections=self.n_projections, max_batches=self.max_batches
+        )
+        if self.k > len(ranked):
+            raise ConfigError(
+                f"CollapseBlocks(k={self.k}) but the model has only "
+                f"{len(ranked)} removable blocks: {[d.block for d in ranked]}"
+            )
+        removed = [d.block for d in ranked[: self.k]]
+        self._report = {
+            "removed": removed,
+            "distances": {d.block: round(d.distance, 6) for d in ranked},
+        }
+        return remove_blocks(model, removed, example_inputs=example)
+
+    def report(self) -> dict[str, Any]:
+        """The blocks removed and every block's distance to the identity."""
+        return dict(self._report)
