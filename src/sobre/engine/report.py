@@ -2,12 +2,15 @@
 
 Everything is read back from the run folder's files (``logs/<stage>/metrics.csv``,
 ``metrics.json``, ``measure.json``, ``config.yaml``, ``env.json``): JSON first, figures from JSON.
-Families add figures by registering a function ``fn(run: RunFiles) -> Figure | None`` in ``PLOTS``.
+Families add figures through the ``sobre.plots`` entry-point group: a function that receives
+``PLOTS`` and registers ``fn(run: RunFiles) -> Figure | None`` plots in it.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.metadata
 import json
 import math
 from collections.abc import Callable
@@ -42,6 +45,14 @@ class RunFiles:
 
 
 PLOTS: Registry[Callable[[RunFiles], Figure | None]] = Registry("plot")
+PLOT_PLUGINS = "sobre.plots"  # entry-point group: ``fn(PLOTS)`` registers a family's plots
+
+
+@functools.cache
+def _load_plot_plugins() -> None:
+    """Let every installed family register its plots (entry points, so the engine names none)."""
+    for entry in importlib.metadata.entry_points(group=PLOT_PLUGINS):
+        entry.load()(PLOTS)
 
 
 def _epoch_rows(path: Path) -> list[dict[str, float]]:
@@ -194,6 +205,7 @@ def report(run_dir: str | Path) -> Path:
             "```",
         ]
     parts += ["", "## Figures", ""]
+    _load_plot_plugins()
     for name in PLOTS.names():
         fig = PLOTS.get(name)(run)
         if fig is None:
