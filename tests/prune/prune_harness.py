@@ -61,3 +61,39 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     acc = float((model(x).argmax(1) == y).float().mean())
     model.train(training)
     return acc
+
+
+def train_cosine(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    epochs: int,
+    optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    regularizers: Sequence[Regularizer] = (),
+    batch_size: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """Fast loop on in-memory tensors: a fresh optimizer, cosine LR over ``epochs`` (per epoch),
+    batches from a seeded permutation per epoch (no DataLoader), no feature tap; task loss x task
+    weight + regulariser terms. For the many-epoch IMP curves (DSD², double descent)."""
+    if any(r.needs_features for r in regularizers):
+        raise ValueError("train_cosine opens no feature tap: use train() for such regularizers")
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    gen = torch.Generator().manual_seed(seed)
+    criterion = nn.CrossEntropyLoss()
+    weight = task_weight(regularizers)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(targets), generator=gen).split(batch_size):
+            x, y = inputs[idx], targets[idx]
+            out = model(x)
+            ctx = StepContext(model, x, y, out)
+            terms = {"task": weight * criterion(out, y)}
+            for reg in regularizers:
+                terms.update(reg.terms(ctx))
+            opt.zero_grad()
+            total(terms).backward()
+            opt.step()
+        schedule.step()
+    return model

@@ -6,6 +6,7 @@ accuracy-vs-sparsity and accuracy-vs-depth curves are drawn by the engine's repo
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
@@ -30,9 +31,10 @@ def layer_entropy(run: RunFiles) -> Figure | None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(sites) + 2), 3.8), constrained_layout=True)
     cmap = plt.get_cmap("viridis")
     for i, (stage, ent) in enumerate(rows):
-        xs = [j for j, s in enumerate(sites) if s in ent]
-        ax.plot(xs, [ent[sites[j]] for j in xs], "-o", ms=3, color=cmap(i / max(1, len(rows) - 1)),
-                label=stage)
+        ys = [ent.get(site, math.nan) for site in sites]  # removed sites leave a gap
+        ax.plot(
+            range(len(sites)), ys, "-o", ms=3, color=cmap(i / max(1, len(rows) - 1)), label=stage
+        )
     ax.set_xticks(range(len(sites)), sites, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("layer entropy H̄ (bits)")
     ax.set_ylim(-0.02, 1.02)
