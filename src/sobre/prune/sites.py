@@ -35,7 +35,7 @@ from sobre.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Site", "activation_kind", "find_sites", "uniquify_activations"]
+__all__ = ["Site", "UniquifyActivations", "activation_kind", "find_sites", "uniquify_activations"]
 
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.ReLU, "relu"),
@@ -596,3 +596,10 @@ def uniquify_activations(model: nn.Module) -> nn.Module:
             model.get_submodule(parent)._modules[key] = copy.deepcopy(plan.module)
         _not_inplace(model.get_submodule(plan.site.name))
     return model
+
+
+class UniquifyActivations:
+    """Stage transform for recipes: :func:`uniquify_activations` before the first fit."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return uniquify_activations(model)
