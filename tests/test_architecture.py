@@ -34,6 +34,7 @@ assert not bad, bad
         ("sobre.models", ("lightning", "sobre.engine", "sobre.data")),
         ("sobre.data", ("sobre.engine", "sobre.models")),
         ("sobre", ("torch", "lightning")),
+        ("sobre.prune", ("lightning", "sobre.engine", "sobre.data", "torch_pruning", "matplotlib")),
     ],
 )
 def test_import_boundaries(module, forbidden):

@@ -2,6 +2,54 @@
 
 Shared machinery: activation call sites (``sites``), activation entropy (``entropy``), iterative
 magnitude pruning on the core masks (``imp``), exact depth surgery (``surgery``) and ``compact``
-(zeroed channels into smaller dense layers). Every structure edit is a recorded
-``sobre.core.edits`` edit, so pruned models reload from their recipe without pickles.
+(zeroed channels into smaller dense layers). Methods: ``easier`` (EASIER), ``lacoot`` (LaCoOT),
+``dsd2`` (DSD²'s distillation and label noise). Every structure edit is a recorded
+``sobre.core.edits`` edit, so pruned models reload from their recipe without pickles; see
+docs/prune.md.
 """
+
+from sobre.prune.compact import channel_groups, compact, compact_report
+from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
+from sobre.prune.easier import Easier
+from sobre.prune.entropy import ActivationEntropy, EntropyReport, binary_entropy
+from sobre.prune.imp import IMPSchedule, MagnitudePruner, PruneReport, Rewinder, global_sparsity
+from sobre.prune.lacoot import CollapseBlocks, LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
+from sobre.prune.sites import Site, UniquifyActivations, find_sites, uniquify_activations
+from sobre.prune.surgery import (
+    ChannelGate,
+    fold_linear,
+    linearize,
+    remove_block,
+    replace_activation,
+)
+
+__all__ = [
+    "ActivationEntropy",
+    "ChannelGate",
+    "CollapseBlocks",
+    "DistillationLoss",
+    "Easier",
+    "EntropyReport",
+    "IMPSchedule",
+    "LaCoOT",
+    "MagnitudePruner",
+    "PruneReport",
+    "Rewinder",
+    "Site",
+    "UniquifyActivations",
+    "auto_pairs",
+    "binary_entropy",
+    "channel_groups",
+    "compact",
+    "compact_report",
+    "find_sites",
+    "fold_linear",
+    "global_sparsity",
+    "inject_label_noise",
+    "linearize",
+    "max_sliced_w2",
+    "rank_blocks",
+    "remove_block",
+    "replace_activation",
+    "uniquify_activations",
+]
