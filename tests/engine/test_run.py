@@ -192,6 +192,8 @@ def test_repeated_stages_with_data_dependent_transforms(tiny_recipe, runs_dir):
     result = sobre.fit(tiny_recipe)
     stages = result.metrics["stages"]
     assert list(stages) == ["train", "prune_1", "prune_2"]
+    on_disk = json.loads((result.run_dir / "metrics.json").read_text())["stages"]
+    assert list(on_disk) == ["train", "prune_1", "prune_2"]  # run order, not sorted
     assert stages["prune_2"]["transforms"] == [
         {"transform": "ProbeAndMask", "batches": 5, "calls": 2}  # 80 train samples / 16
     ]

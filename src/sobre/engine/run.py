@@ -355,7 +355,7 @@ class _Run:
             result = measure(self.routine.net, example)
             self.write("measure.json", json.dumps(result.to_dict(), indent=1))
             log.info("measurement (batch of %d):\n%s", MEASURE_BATCH, result.table())
-        self.write("metrics.json", json.dumps(self.metrics, indent=1, sort_keys=True))
+        self.write("metrics.json", json.dumps(self.metrics, indent=1))  # stages in run order
         if self.is_zero and self.cfg.evaluate.get("report", True):
             from sobre.engine.report import report
 

@@ -2,7 +2,8 @@
 
 Shared machinery: activation call sites (``sites``), activation entropy (``entropy``), iterative
 magnitude pruning on the core masks (``imp``), exact depth surgery (``surgery``) and ``compact``
-(zeroed channels into smaller dense layers). Methods: ``easier`` (EASIER), ``lacoot`` (LaCoOT),
+(zeroed channels into smaller dense layers). Methods: ``egp`` (EGP, NEPENTHE), ``easier``
+(EASIER), ``lacoot`` (LaCoOT),
 ``dsd2`` (DSD²'s distillation and label noise). Every structure edit is a recorded
 ``sobre.core.edits`` edit, so pruned models reload from their recipe without pickles; see
 docs/prune.md.
@@ -11,6 +12,7 @@ docs/prune.md.
 from sobre.prune.compact import channel_groups, compact, compact_report
 from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
 from sobre.prune.easier import Easier
+from sobre.prune.egp import EntropyGuidedPruner
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, binary_entropy
 from sobre.prune.imp import IMPSchedule, MagnitudePruner, PruneReport, Rewinder, global_sparsity
 from sobre.prune.lacoot import CollapseBlocks, LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
@@ -29,6 +31,7 @@ __all__ = [
     "CollapseBlocks",
     "DistillationLoss",
     "Easier",
+    "EntropyGuidedPruner",
     "EntropyReport",
     "IMPSchedule",
     "LaCoOT",

@@ -23,8 +23,9 @@ def layer_entropy(run: RunFiles) -> Figure | None:
     rows: list[tuple[str, dict[str, float]]] = []
     for stage, record in run.metrics.get("stages", {}).items():
         for report in record.get("transforms", []):
-            if isinstance(report.get("layer_entropy"), dict) and report["layer_entropy"]:
-                rows.append((stage, report["layer_entropy"]))
+            entropy = report.get("layer_entropy") or report.get("entropy")  # EASIER / EGP
+            if isinstance(entropy, dict) and entropy:
+                rows.append((stage, entropy))
     if not rows:
         return None
     sites = list(dict.fromkeys(site for _, ent in rows for site in ent))
