@@ -3,10 +3,9 @@
 Shared machinery: activation call sites (``sites``), activation entropy (``entropy``), iterative
 magnitude pruning on the core masks (``imp``), exact depth surgery (``surgery``) and ``compact``
 (zeroed channels into smaller dense layers). Methods: ``egp`` (EGP, NEPENTHE), ``easier``
-(EASIER), ``lacoot`` (LaCoOT),
-``dsd2`` (DSD²'s distillation and label noise). Every structure edit is a recorded
-``sobre.core.edits`` edit, so pruned models reload from their recipe without pickles; see
-docs/prune.md.
+(EASIER), ``lacoot`` (LaCoOT), ``dsd2`` and ``curves`` (DSD², sparse double descent). Every
+structure edit is a recorded ``sobre.core.edits`` edit, so pruned models reload from their recipe
+without pickles; see docs/prune.md.
 """
 
 from sobre.prune.compact import channel_groups, compact, compact_report
