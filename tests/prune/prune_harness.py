@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,6 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from sobre.core.methods import Regularizer, StepContext, task_weight, total
 from sobre.core.taps import FeatureTap
 from sobre.data import mnist5k_datasets
+from sobre.models import create
+from sobre.prune.curves import sparsity_curve
+from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
+from sobre.prune.imp import MagnitudePruner
 
 
 def mnist5k() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
@@ -97,3 +102,100 @@ def train_cosine(
             opt.step()
         schedule.step()
     return model
+
+
+def noisy_mnist5k(eps: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, TensorDataset]:
+    """Label-noise data of the double descent runs: ``(x, noisy y, clean y, held-out)``.
+
+    The mnist5k train split in a seeded random order with DSD² noise (``inject_label_noise``: the
+    first ``eps * N`` labels replaced by a different one) on it only; the held-out set is val +
+    test (1000 images, the spec's test size). The split is sorted by class, so without the
+    shuffle the noise would hit only the first classes.
+    """
+    train_split, val, test = mnist5k()
+    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))
+    x, clean = train_split.tensors[0][order], train_split.tensors[1][order]
+    noisy = inject_label_noise(TensorDataset(x, clean), eps, num_classes=10, seed=seed).labels
+    held_out = TensorDataset(
+        *(torch.cat([a, b]) for a, b in zip(val.tensors, test.tensors, strict=True))
+    )
+    return x, noisy, clean, held_out
+
+
+def _lenet300(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return create("mlp", num_classes=10, in_channels=1, hidden=(300, 100))
+
+
+@functools.cache
+def _noisy_dense(seed: int, weight_decay: float, epochs: int) -> dict[str, Tensor]:
+    """LeNet-300-100 trained on noisy mnist5k (SGD lr 0.05, momentum 0.9, cosine): its weights."""
+    x, y, _, _ = noisy_mnist5k()
+    net = _lenet300(seed)
+    sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=weight_decay)
+    train_cosine(net, x, y, epochs, sgd, seed=seed)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@functools.cache
+def noisy_imp_curve(
+    seed: int,
+    weight_decay: float,
+    amount: float,
+    rounds: int,
+    epochs: int,
+    dense_epochs: int = 40,
+    distill_T: float | None = None,  # noqa: N803
+) -> tuple[dict, ...]:
+    """IMP curve of LeNet-300-100 on :func:`noisy_mnist5k` (DSD² §5.5, double descent §7.5).
+
+    The dense model trains ``dense_epochs`` (SGD lr 0.05, momentum 0.9, ``weight_decay``, cosine,
+    batch 128), then each round prunes ``amount`` of the live weights (global L1) and retrains
+    ``epochs`` with a fresh optimizer and schedule (LR rewinding). With ``distill_T`` the student
+    is trained from the same initialisation with ``DistillationLoss(teacher, T, alpha=0.8)``, the
+    teacher being the dense model of the same ``seed`` and ``weight_decay`` (the baseline's round
+    0). Points: ``test_acc`` (held-out), ``train_acc`` (noisy labels), entropy on the train set.
+    Cached per argument tuple, so modules of one session share curves and dense models.
+    """
+    x, y, _, held_out = noisy_mnist5k()
+    sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=weight_decay)
+    dense = _noisy_dense(seed, weight_decay, dense_epochs)
+    regs: list[Regularizer] = []
+    model = _lenet300(seed)
+    if distill_T is None:
+        model.load_state_dict(dense)
+    else:
+        teacher = _lenet300(seed)
+        teacher.load_state_dict(dense)
+        regs = [DistillationLoss(teacher, T=distill_T, alpha=0.8)]
+        train_cosine(model, x, y, dense_epochs, sgd, regs, seed=seed)
+    rounds_done = [0]
+
+    def retrain(net: nn.Module) -> None:
+        rounds_done[0] += 1
+        train_cosine(net, x, y, epochs, sgd, regs, seed=1000 * seed + rounds_done[0])
+
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        return {
+            "test_acc": accuracy(net, held_out),
+            "train_acc": accuracy(net, TensorDataset(x, y)),
+        }
+
+    curve = sparsity_curve(
+        model,
+        MagnitudePruner(amount),
+        rounds,
+        retrain,
+        evaluate,
+        loader=DataLoader(TensorDataset(x, y), batch_size=1000),
+    )
+    return tuple(curve)
+
+
+def mean_curve(curves: Sequence[Sequence[dict]], keys: Sequence[str]) -> list[dict]:
+    """Point-wise mean of ``keys`` over curves of the same rounds (e.g. seeds), with sparsity."""
+    return [
+        {"sparsity": points[0]["sparsity"]}
+        | {k: sum(p[k] for p in points) / len(points) for k in keys}
+        for points in zip(*curves, strict=True)
+    ]
