@@ -137,7 +137,6 @@ def _noisy_dense(seed: int, weight_decay: float, epochs: int) -> dict[str, Tenso
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-@functools.cache
 def noisy_imp_curve(
     seed: int,
     weight_decay: float,
@@ -155,8 +154,21 @@ def noisy_imp_curve(
     is trained from the same initialisation with ``DistillationLoss(teacher, T, alpha=0.8)``, the
     teacher being the dense model of the same ``seed`` and ``weight_decay`` (the baseline's round
     0). Points: ``test_acc`` (held-out), ``train_acc`` (noisy labels), entropy on the train set.
-    Cached per argument tuple, so modules of one session share curves and dense models.
+    Cached (whatever the call's spelling), so modules of one session share curves and dense models.
     """
+    return _noisy_imp_curve(seed, weight_decay, amount, rounds, epochs, dense_epochs, distill_T)
+
+
+@functools.cache
+def _noisy_imp_curve(
+    seed: int,
+    weight_decay: float,
+    amount: float,
+    rounds: int,
+    epochs: int,
+    dense_epochs: int,
+    distill_T: float | None,  # noqa: N803
+) -> tuple[dict, ...]:
     x, y, _, held_out = noisy_mnist5k()
     sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=weight_decay)
     dense = _noisy_dense(seed, weight_decay, dense_epochs)

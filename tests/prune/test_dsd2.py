@@ -33,6 +33,7 @@ def test_teacher_is_not_part_of_the_student():
     teacher = torch.nn.Linear(5, 3)
     kd = DistillationLoss(teacher)
     assert list(kd.parameters()) == [] and kd.state_dict() == {}
+    assert teacher.training and teacher.weight.requires_grad  # the caller's model is untouched
     same = DistillationLoss(copy.deepcopy(teacher), alpha=1.0)
     x = torch.randn(4, 5)
     assert float(same(StepContext(teacher, x, None, teacher(x)))) == pytest.approx(0.0, abs=1e-6)

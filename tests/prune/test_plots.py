@@ -18,10 +18,16 @@ def _run_folder(tmp_path, stages: dict) -> object:
 def test_layer_entropy_figure_in_the_report(tmp_path):
     stages = {
         "train": {"val/acc": 0.95},
-        "remove_1": {"val/acc": 0.94, "transforms": [
-            {"transform": "Easier", "layer_entropy": {"relu1": 0.9, "relu2": 0.1, "relu3": 0.6}}]},
-        "remove_2": {"val/acc": 0.93, "transforms": [
-            {"transform": "Easier", "layer_entropy": {"relu1": 0.8, "relu3": 0.5}}]},
+        "remove_1": {
+            "val/acc": 0.94,
+            "transforms": [
+                {"transform": "Easier", "layer_entropy": {"relu1": 0.9, "relu2": 0.1, "relu3": 0.6}}
+            ],
+        },
+        "remove_2": {
+            "val/acc": 0.93,
+            "transforms": [{"transform": "Easier", "layer_entropy": {"relu1": 0.8, "relu3": 0.5}}],
+        },
     }
     run_dir = _run_folder(tmp_path, stages)
     report = sobre.report(run_dir).read_text()

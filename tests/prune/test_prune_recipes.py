@@ -26,16 +26,18 @@ def test_recipe_is_valid(path):
     assert recipe["stages"], "a pruning recipe lists its fit stages"
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if not _is_cpu(p)],
-                         ids=[p.stem for p in RECIPES if not _is_cpu(p)])
+@pytest.mark.parametrize(
+    "path", [p for p in RECIPES if not _is_cpu(p)], ids=[p.stem for p in RECIPES if not _is_cpu(p)]
+)
 def test_gpu_recipes_ask_for_local_data(path, tmp_path, runs_dir):
     with pytest.raises(DataNotFoundError, match="download"):
         sobre.fit(path, overrides={"data.root": str(tmp_path / "missing")})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in RECIPES if _is_cpu(p)],
-                         ids=[p.stem for p in RECIPES if _is_cpu(p)])
+@pytest.mark.parametrize(
+    "path", [p for p in RECIPES if _is_cpu(p)], ids=[p.stem for p in RECIPES if _is_cpu(p)]
+)
 def test_cpu_recipe_runs_end_to_end(path, runs_dir):
     recipe = yaml.safe_load(path.read_text())
     recipe["trainer"]["max_epochs"] = 1

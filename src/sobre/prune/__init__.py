@@ -9,6 +9,7 @@ without pickles; see docs/prune.md.
 """
 
 from sobre.prune.compact import channel_groups, compact, compact_report
+from sobre.prune.curves import is_monotone, sdd_score, sparsity_curve
 from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
 from sobre.prune.easier import Easier
 from sobre.prune.egp import EntropyGuidedPruner
@@ -48,10 +49,13 @@ __all__ = [
     "fold_linear",
     "global_sparsity",
     "inject_label_noise",
+    "is_monotone",
     "linearize",
     "max_sliced_w2",
     "rank_blocks",
     "remove_block",
     "replace_activation",
+    "sdd_score",
+    "sparsity_curve",
     "uniquify_activations",
 ]

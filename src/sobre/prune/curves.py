@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -167,7 +168,7 @@ def _values(curve: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], 
                     f"curve point {index} has no {needed!r}{suggest(needed, names)} "
                     f"Keys: {', '.join(names)}."
                 )
-            if not isinstance(record[needed], int | float) or math.isnan(record[needed]):
+            if not isinstance(record[needed], numbers.Real) or math.isnan(record[needed]):
                 raise ConfigError(
                     f"curve point {index} has {needed}={record[needed]!r}; expected a number"
                 )

@@ -12,6 +12,7 @@ monotone curve. The student's objective (paper, authors' ``kd.py``) is
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -41,7 +42,8 @@ class DistillationLoss(Regularizer):
             raise ConfigError(
                 f"DistillationLoss needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}"
             )
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # unregistered
+        frozen = copy.deepcopy(teacher).eval().requires_grad_(False)  # the caller's stays as is
+        object.__setattr__(self, "teacher", frozen)  # unregistered: not trained, not saved
         self.T, self.alpha = T, alpha
         self.task_weight = 1.0 - alpha
 
@@ -83,6 +85,9 @@ def inject_label_noise(
     dataset: Dataset, eps: float, num_classes: int, seed: int = 0
 ) -> NoisyLabels:
     """DSD² label noise: the first ``eps * N`` samples get a random *different* label.
+
+    As in the authors' code, the *first* samples are corrupted: shuffle a class-sorted dataset
+    first (mnist5k's train split is sorted by class; unshuffled, only classes 0-1 would be noisy).
 
     Args:
         dataset: yields ``(x, y)`` with integer labels.
