@@ -73,7 +73,7 @@ from sobre.core.registry import suggest
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, Estimator, Neuron
 from sobre.prune.imp import DEFAULT_TARGETS, MagnitudePruner, global_sparsity, target_modules
 from sobre.prune.sites import find_sites, uniquify_activations
-from sobre.prune.surgery import ChannelGate, linearize
+from sobre.prune.surgery import ChannelGate, get_module, linearize
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +289,12 @@ def layer_sites(
             name that is not a module of ``model``.
     """
     layers = list(target_modules(model, targets, exclude))
-    modules = dict(model.named_modules())
     if sites is None:
         names = [s.name for s in find_sites(model)] + _linearized(model)
     else:
         names = list(sites)
         for site in names:
-            if site not in modules:
-                raise ConfigError(
-                    f"site {site!r} is not a module of {type(model).__name__}"
-                    f"{suggest(site, [n for n in modules if n])}"
-                )
+            get_module(model, site)  # an unknown site fails with the closest module names
     return _map(_probe(model, example_inputs, set(names), set(layers)), layers)
 
 
