@@ -114,6 +114,8 @@ def test_datamodule_parameters_include_the_common_ones() -> None:
         "num_workers",
         "seed",
         "pin_memory",
+        "label_noise",
+        "label_noise_seed",
     ]
 
 
@@ -171,3 +173,23 @@ def test_lightning_epochs_follow_the_sampler_and_resume_exactly(tmp_path: Path) 
     # set_epoch: only the datamodule reading the fit loop's epoch gets the order right
     resumed, _ = fit(3, tmp_path, ckpt=tmp_path / "two.ckpt", num_workers=1)
     assert resumed.seen == {2: full.seen[2]}
+
+
+def test_label_noise_corrupts_training_labels_only_and_is_seeded():
+    from sobre.core.labels import dataset_labels
+    from sobre.data import create
+
+    clean = create("synthetic", num_samples=200, num_classes=4)
+    noisy = create("synthetic", num_samples=200, num_classes=4, label_noise=0.3)
+    y_clean = dataset_labels(clean.train_dataset)
+    y_noisy = torch.stack([noisy.train_dataset[i][1] for i in range(len(y_clean))])
+    assert (y_clean != y_noisy).sum() == round(0.3 * len(y_clean))
+    for split in ("val_dataset", "test_dataset"):
+        assert torch.equal(
+            dataset_labels(getattr(clean, split)), dataset_labels(getattr(noisy, split))
+        )
+    again = create("synthetic", num_samples=200, num_classes=4, label_noise=0.3, seed=5)
+    assert torch.equal(again.train_dataset.labels, noisy.train_dataset.labels)  # not the seed
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="label_noise"):
+            create("synthetic", label_noise=bad)

@@ -4,6 +4,7 @@
 - ``masks``: binary or soft masks on weights, channels and gradients (state_dict and DDP safe).
 - ``dist``: all-reduce helpers so every rank takes the same decision; no-ops when not distributed.
 - ``measure``: parameters, FLOPs, latency, saved-activation and peak memory, depth.
+- ``labels``: label-noise injection (data modules, DSD²).
 - ``methods``: the method protocols (:class:`Regularizer`, hooks) and :class:`StepContext`.
 - ``serialization``: safetensors + JSON files, written atomically, read without unpickling.
 - ``edits``: atomic, recorded structure edits, replayed when a checkpoint is loaded.
@@ -33,6 +34,7 @@ from sobre.core.methods import (
     EpochHook,
     GradientHook,
     ModelTransform,
+    NeedsStageModel,
     Regularizer,
     SetupHook,
     StepContext,
@@ -51,6 +53,7 @@ __all__ = [
     "MaskInfo",
     "Measurement",
     "ModelTransform",
+    "NeedsStageModel",
     "Registry",
     "Regularizer",
     "RunningStats",

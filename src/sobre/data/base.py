@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from sobre.core.errors import ConfigError
+from sobre.core.labels import inject_label_noise
 from sobre.core.registry import Registry
 from sobre.data.sampler import EpochSampler
 
@@ -124,6 +125,11 @@ class SobreDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: the training seed: shuffling order and augmentation, not the split.
         pin_memory: pin batches in page-locked memory for faster GPU copies.
+        label_noise: fraction in [0, 1) of *training* labels replaced by a random different
+            class (a seeded random subset; validation and test keep their labels), as in the
+            label-noise experiments of sparse double descent (DSD², #5, #21, #22).
+        label_noise_seed: seed of the corrupted subset and of its labels (fixed by default, so
+            runs with different training seeds see the same noisy dataset).
     """
 
     name: str = ""
@@ -138,12 +144,21 @@ class SobreDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        label_noise: float = 0.0,
+        label_noise_seed: int = 0,
     ) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.num_workers = check_int("num_workers", num_workers, 0)
         self.seed = check_int("seed", seed, 0)
         self.pin_memory = bool(pin_memory)
+        if isinstance(label_noise, bool) or not 0.0 <= label_noise < 1.0:
+            raise ConfigError(
+                f"label_noise is the fraction of noisy training labels, in [0, 1); got "
+                f"{label_noise!r}"
+            )
+        self.label_noise = float(label_noise)
+        self.label_noise_seed = check_int("label_noise_seed", label_noise_seed, 0)
         self._splits: Splits | None = None
 
     @property
@@ -158,7 +173,13 @@ class SobreDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once (every stage shares them)."""
         if self._splits is None:
-            self._splits = self.build()
+            train, val, test = self.build()
+            if self.label_noise:
+                train = inject_label_noise(
+                    train, self.label_noise, self.num_classes, self.label_noise_seed, shuffle=True
+                )
+                log.info("%s: %d training labels made noisy", self.name, len(train.noisy))
+            self._splits = (train, val, test)
             log.info(
                 "%s: %d train, %d val, %d test samples", self.name, *(len(s) for s in self._splits)
             )  # type: ignore[arg-type]

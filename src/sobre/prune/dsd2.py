@@ -7,50 +7,77 @@ monotone curve. The student's objective (paper, authors' ``kd.py``) is
     L = α T² KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - α) CE(z_s, y),   α = 0.8, T = 10.
 
 :class:`DistillationLoss` is the regulariser (its ``task_weight`` is ``1 - α``);
-:func:`inject_label_noise` makes the noisy training set of the experiments.
+:func:`~sobre.core.labels.inject_label_noise` (re-exported here) makes the noisy training set
+of the experiments; recipes set ``data.label_noise`` instead.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from sobre.core.errors import ConfigError
+from sobre.core.labels import NoisyLabels, inject_label_noise
 from sobre.core.methods import Regularizer, StepContext
+
+__all__ = ["DistillationLoss", "NoisyLabels", "inject_label_noise"]
 
 
 class DistillationLoss(Regularizer):
     """``α T² KL(teacher_T || student_T)``; the task cross-entropy is weighted ``1 - α``.
 
     Args:
-        teacher: any module mapping the student's inputs to logits; kept in eval mode, never
-            trained, not part of the student's parameters or checkpoint.
+        teacher: any module mapping the student's inputs to logits; a frozen copy is kept in
+            eval mode, never trained, not part of the student's parameters or checkpoint.
         T: softmax temperature.
         alpha: weight of the distillation term.
+        from_stage: in a recipe, instead of ``teacher``: the name of an earlier stage whose final
+            model is the teacher (the engine loads its checkpoint, see
+            :class:`~sobre.core.methods.NeedsStageModel`).
     """
 
     name = "kd"
 
-    def __init__(self, teacher: nn.Module, T: float = 10.0, alpha: float = 0.8) -> None:  # noqa: N803
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        T: float = 10.0,  # noqa: N803
+        alpha: float = 0.8,
+        from_stage: str | None = None,
+    ) -> None:
         super().__init__()
         if T <= 0 or not 0.0 <= alpha <= 1.0:
             raise ConfigError(
                 f"DistillationLoss needs T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}"
             )
-        frozen = copy.deepcopy(teacher).eval().requires_grad_(False)  # the caller's stays as is
-        object.__setattr__(self, "teacher", frozen)  # unregistered: not trained, not saved
+        if (teacher is None) == (from_stage is None):
+            raise ConfigError(
+                "DistillationLoss needs exactly one of teacher= (a module) or from_stage= (the "
+                "name of an earlier recipe stage whose model teaches)"
+            )
+        self.from_stage = from_stage
+        object.__setattr__(self, "teacher", None)  # unregistered: not trained, not saved
+        if teacher is not None:
+            self.bind_stage_model(teacher)
         self.T, self.alpha = T, alpha
         self.task_weight = 1.0 - alpha
+
+    def bind_stage_model(self, model: nn.Module) -> None:
+        """Use a frozen copy of ``model`` as the teacher (the caller's module stays as is)."""
+        object.__setattr__(self, "teacher", copy.deepcopy(model).eval().requires_grad_(False))
 
     def forward(self, ctx: StepContext) -> Tensor:
         if ctx.outputs is None:
             raise ConfigError("DistillationLoss needs the student's logits in ctx.outputs")
-        teacher: nn.Module = self.teacher
+        teacher: nn.Module | None = self.teacher
+        if teacher is None:
+            raise ConfigError(
+                f"DistillationLoss(from_stage={self.from_stage!r}) has no teacher yet: the "
+                "engine binds it before the stage; in your own loop call bind_stage_model(teacher)"
+            )
         x = ctx.inputs
         device = ctx.outputs.device
         if next(teacher.parameters()).device != device:
@@ -61,46 +88,3 @@ class DistillationLoss(Regularizer):
         log_p_t = F.log_softmax(z_t / self.T, dim=1)
         kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
         return self.alpha * self.T**2 * kl
-
-
-class NoisyLabels(Dataset):
-    """A dataset whose first ``round(eps * N)`` samples carry a different, random label.
-
-    Attributes:
-        noisy: indices whose label was changed.
-        labels: the labels served (noisy ones included).
-    """
-
-    def __init__(self, dataset: Dataset, labels: Tensor, noisy: Tensor) -> None:
-        self.dataset, self.labels, self.noisy = dataset, labels, noisy
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
-        return self.dataset[index][0], self.labels[index]
-
-
-def inject_label_noise(
-    dataset: Dataset, eps: float, num_classes: int, seed: int = 0
-) -> NoisyLabels:
-    """DSD² label noise: the first ``eps * N`` samples get a random *different* label.
-
-    As in the authors' code, the *first* samples are corrupted: shuffle a class-sorted dataset
-    first (mnist5k's train split is sorted by class; unshuffled, only classes 0-1 would be noisy).
-
-    Args:
-        dataset: yields ``(x, y)`` with integer labels.
-        eps: fraction of noisy labels in ``[0, 1)``.
-        num_classes: number of classes.
-        seed: seed of the replacement labels.
-    """
-    if not 0.0 <= eps < 1.0:
-        raise ConfigError(f"eps is the fraction of noisy labels, in [0, 1); got {eps}")
-    labels = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-    n_noisy = round(eps * len(labels))
-    gen = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, num_classes, (n_noisy,), generator=gen)  # never the true label
-    noisy_labels = labels.clone()
-    noisy_labels[:n_noisy] = (labels[:n_noisy] + shift) % num_classes
-    return NoisyLabels(dataset, noisy_labels, torch.arange(n_noisy))
