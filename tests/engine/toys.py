@@ -26,6 +26,31 @@ class L2(Regularizer):
         return self.weight * sum(p.pow(2).sum() for p in ctx.model.parameters())
 
 
+class Anchor(Regularizer):
+    """weight * Σ ||θ - θ_ref||², θ_ref the final weights of the stage named ``from_stage``.
+
+    ``bound`` (class-wide) records every reference it was handed, for the tests to inspect.
+    """
+
+    name = "anchor"
+    bound: list[dict[str, Tensor]] = []  # noqa: RUF012 - shared record on purpose
+
+    def __init__(self, from_stage: str, weight: float = 1e-2) -> None:
+        super().__init__()
+        self.from_stage, self.weight = from_stage, weight
+        self.reference: dict[str, Tensor] = {}
+
+    def bind_stage_model(self, model: nn.Module) -> None:
+        self.reference = {k: v.detach().clone() for k, v in model.named_parameters()}
+        Anchor.bound.append(self.reference)
+
+    def forward(self, ctx: StepContext) -> Tensor:
+        return self.weight * sum(
+            (p - self.reference[k].to(p.device)).pow(2).sum()
+            for k, p in ctx.model.named_parameters()
+        )
+
+
 class ActivationL1(Regularizer):
     """weight * mean |a| over the tapped ReLU outputs (uses the feature tap, graph attached)."""
 

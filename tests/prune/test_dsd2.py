@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext, task_weight
 from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
+from sobre.prune.imp import MagnitudePruner, Reinitialize
 
 
 def test_objective_is_alpha_t2_kl_plus_weighted_ce():
@@ -54,3 +55,45 @@ def test_label_noise_changes_exactly_the_first_eps_fraction():
     assert torch.equal(again.labels, noisy.labels)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         inject_label_noise(data, eps=1.0, num_classes=10)
+
+
+def test_shuffled_label_noise_hits_a_seeded_random_subset():
+    labels = torch.arange(200) // 20  # sorted by class, as mnist5k's train split
+    data = TensorDataset(torch.zeros(200, 2), labels)
+    noisy = inject_label_noise(data, eps=0.25, num_classes=10, seed=1, shuffle=True)
+    changed = torch.nonzero(noisy.labels != labels).flatten()
+    assert changed.tolist() == noisy.noisy.tolist() and len(changed) == 50
+    assert len(set(labels[changed].tolist())) >= 8  # not only the first classes
+    other = inject_label_noise(data, eps=0.25, num_classes=10, seed=2, shuffle=True)
+    assert not torch.equal(other.noisy, noisy.noisy)
+
+
+def test_from_stage_teacher_is_bound_later_and_required_before_use():
+    x = torch.randn(4, 5)
+    kd = DistillationLoss(from_stage="teacher")
+    ctx = StepContext(torch.nn.Linear(5, 3), x, None, torch.randn(4, 3))
+    with pytest.raises(ConfigError, match="no teacher yet"):
+        kd(ctx)
+    teacher = torch.nn.Linear(5, 3)
+    kd.bind_stage_model(teacher)
+    assert kd(ctx) >= 0 and kd.teacher is not teacher and not kd.teacher.training
+    assert not list(kd.parameters())  # the teacher is not part of the student's checkpoint
+    with pytest.raises(ConfigError, match="exactly one"):
+        DistillationLoss()
+    with pytest.raises(ConfigError, match="exactly one"):
+        DistillationLoss(teacher, from_stage="teacher")
+
+
+def test_pruner_and_reinitialize_as_stage_transforms():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    pruner = MagnitudePruner(amount=0.5)
+    assert pruner.report() == {}
+    assert pruner.apply(net) is net
+    report = pruner.report()
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.01) and "layers" not in report
+    before = net[0].weight.detach().clone()
+    assert Reinitialize(seed=3).apply(net) is net
+    after = net[0].weight.detach()
+    assert not torch.equal(before[before != 0], after[before != 0])  # fresh weights ...
+    assert (after[before == 0] == 0).all()  # ... under the same masks

@@ -12,7 +12,15 @@ from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
 from sobre.core.taps import FeatureTap
 from sobre.models import create
-from sobre.prune.lacoot import CollapseBlocks, LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
+from sobre.prune.lacoot import (
+    CollapseBlocks,
+    LaCoOT,
+    auto_pairs,
+    disjoint_blocks,
+    max_sliced_w2,
+    rank_blocks,
+    remove_blocks,
+)
 
 
 def test_max_sliced_w2_matches_pot_with_the_same_directions():
@@ -133,5 +141,23 @@ def test_collapse_blocks_removes_the_identity_block_and_reports():
     }
     x = data[0][0]
     assert torch.allclose(out.eval()(x), net.eval()(x), atol=1e-6)  # that block was the identity
-    with pytest.raises(ConfigError, match="only 3 removable"):
+    with pytest.raises(ConfigError, match="only 3 disjoint removable"):
         CollapseBlocks(k=4).apply(net, data)
+
+
+def test_nested_blocks_are_never_removed_together():
+    ranked = ["features.3.conv.1", "features.3", "features.30", "features.2", "features.2.conv"]
+    assert disjoint_blocks(ranked, 3) == ["features.3.conv.1", "features.30", "features.2"]
+    assert disjoint_blocks(ranked, 9) == ["features.3.conv.1", "features.30", "features.2"]
+    net = create("mobilenet_v2", num_classes=10, in_channels=3)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ConfigError, match="nested"):
+        remove_blocks(net, ["features.3", "features.3.conv.1"], example_inputs=x)
+    assert not isinstance(net.features[3], torch.nn.Identity)  # left untouched
+    pairs = auto_pairs(net, x)
+    assert any(b == "features.3" for _, b in pairs) and any(
+        b.startswith("features.3.") for _, b in pairs
+    )  # MobileNetV2 offers both an inverted residual and its depthwise unit
+    out = CollapseBlocks(k=6, n_projections=4).apply(net, [(x, torch.zeros(2))])
+    removed = [n for n, m in out.named_modules() if isinstance(m, torch.nn.Identity)]
+    assert len(removed) >= 6

@@ -105,3 +105,16 @@ class ModelTransform(Protocol):
     """A structure edit applied between fit stages: ``apply(model) -> model``."""
 
     def apply(self, model: nn.Module) -> nn.Module: ...
+
+
+@runtime_checkable
+class NeedsStageModel(Protocol):
+    """Uses a frozen copy of the model as an earlier fit stage left it (e.g. a teacher).
+
+    ``from_stage`` names that stage; the engine loads the stage's final checkpoint and calls
+    ``bind_stage_model`` before the first stage the method is active in (again after a resume).
+    """
+
+    from_stage: str | None
+
+    def bind_stage_model(self, model: nn.Module) -> None: ...

@@ -26,7 +26,7 @@ from sobre.core.registry import suggest
 
 SECTIONS = ("name", "seed", "data", "model", "trainer", "methods", "stages", "evaluate", "meta")
 DEFAULT_ROUTINE = "sobre.engine.routine.ClassificationRoutine"
-STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "trainer", "repeat")
+STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "methods", "trainer", "repeat")
 EVALUATE_KEYS = ("test", "measure", "report", "checkpoint")
 
 
@@ -250,6 +250,7 @@ def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
         _check_keys(list(stage), STAGE_KEYS, f"stages.{i}")
         _check_keys(list(stage.get("trainer") or {}), names, f"stages.{i}.trainer")
         _check_class_node(stage.get("transforms") or [], f"stages.{i}.transforms")
+        _check_class_node(stage.get("methods") or [], f"stages.{i}.methods")
     return out
 
 

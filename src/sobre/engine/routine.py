@@ -95,6 +95,11 @@ class ClassificationRoutine(pl.LightningModule):
             )
         self.regularizers.append(regularizer)
 
+    def remove_regularizers(self, regularizers: Sequence[Regularizer]) -> None:
+        """Drop loss terms (a stage's own methods, once the stage has finished)."""
+        gone = {id(r) for r in regularizers}
+        self.regularizers = nn.ModuleList(r for r in self.regularizers if id(r) not in gone)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 

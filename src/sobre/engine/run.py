@@ -32,6 +32,7 @@ from sobre.core.edits import edit_log, replay
 from sobre.core.errors import CheckpointError, ConfigError, SobreError
 from sobre.core.masks import restore_masks
 from sobre.core.measure import measure
+from sobre.core.methods import NeedsStageModel, Regularizer
 from sobre.core.serialization import atomic_write_text, load_tree, read_info
 from sobre.engine.callbacks import MethodCallback
 from sobre.engine.recipes import (
@@ -54,13 +55,16 @@ class Stage:
 
     A transform whose ``apply`` takes a ``loader`` argument receives the training loader (e.g. to
     measure activation entropy); one with a ``report()`` method has it stored with the stage's
-    metrics. ``repeat: k`` runs the stage k times, named ``<name>_1`` ... ``<name>_k``.
+    metrics. ``methods`` are active in this stage only, on top of the recipe's ``methods`` (e.g.
+    distillation during the pruning rounds, not while the teacher trains). ``repeat: k`` runs the
+    stage k times, named ``<name>_1`` ... ``<name>_k``.
     """
 
     name: str = "train"
     max_epochs: int | None = None
     lr: float | None = None
     transforms: list[Any] = field(default_factory=list)
+    methods: list[Any] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
     repeat: int = 1
 
@@ -219,6 +223,23 @@ def restore(routine: pl.LightningModule, path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _check_stage_models(methods: Sequence[Any], stages: Sequence[Stage]) -> None:
+    """Every ``from_stage`` names a stage that ends before the method's first stage."""
+    for i, stage in enumerate([Stage(name="<recipe methods>", methods=list(methods)), *stages]):
+        for method in stage.methods:
+            name = getattr(method, "from_stage", None)
+            if not isinstance(method, NeedsStageModel) or name is None:
+                continue
+            earlier = [s.name for s in stages[: max(0, i - 1)]]
+            if name not in earlier:
+                where = "the recipe's methods" if i == 0 else f"stage {stage.name!r}"
+                raise ConfigError(
+                    f"{type(method).__name__}(from_stage={name!r}) in {where}: from_stage must "
+                    f"name an earlier stage (earlier: {earlier or 'none'}); list the method "
+                    "under the methods of a stage after it"
+                )
+
+
 class _Run:
     """State of one run; the files it writes are written by rank zero only."""
 
@@ -227,6 +248,8 @@ class _Run:
         self.datamodule, self.routine = objs.data, objs.model
         self.methods = [MethodCallback(m) for m in objs.methods or []]
         self.stages = expand_stages(objs.stages or [Stage()])
+        self.teachers: dict[str, nn.Module] = {}  # stage name -> its final model, loaded once
+        _check_stage_models(list(objs.methods or []), self.stages)
         given = recipe.get("trainer") or {}  # the parser also fills every Trainer default
         self.trainer_kwargs = {k: v for k, v in dict(objs.trainer).items() if k in given}
         self.trainer: pl.Trainer | None = None
@@ -290,7 +313,10 @@ class _Run:
         kwargs = {**self.trainer_kwargs, **stage.trainer}
         if stage.max_epochs is not None:
             kwargs["max_epochs"] = stage.max_epochs
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *extra]
+        for method in stage.methods:
+            self.bind_stage_model(method)
+        own = [MethodCallback(m) for m in stage.methods]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *own, *extra]
         self.trainer = make_trainer(self.dir, stage=stage.name, info=self.info, **kwargs)
         self.trainer.fit(
             self.routine,
@@ -298,6 +324,7 @@ class _Run:
             weights_only=True,
             ckpt_path=str(last) if last.is_file() else None,
         )
+        self.routine.remove_regularizers([m for m in stage.methods if isinstance(m, Regularizer)])
         self.trainer.save_checkpoint(ckpt_dir / "final.safetensors")
         self.stage_metrics = {
             k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1
@@ -313,6 +340,15 @@ class _Run:
             stages_done=[*self.state["stages_done"], stage.name], stages=self.metrics["stages"]
         )
         self.in_memory = stage.name
+
+    def bind_stage_model(self, method: Any) -> None:
+        """Hand a :class:`NeedsStageModel` method the final model of the stage it names."""
+        name = getattr(method, "from_stage", None)
+        if not isinstance(method, NeedsStageModel) or name is None:
+            return
+        if name not in self.teachers:
+            self.teachers[name] = load(self.dir / "checkpoints" / name / "final.safetensors").net
+        method.bind_stage_model(self.teachers[name])
 
     def apply_transform(self, transform: Any) -> dict[str, Any]:
         """Apply a stage transform (with the training loader if it asks for one)."""

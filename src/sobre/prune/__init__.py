@@ -14,8 +14,23 @@ from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
 from sobre.prune.easier import Easier
 from sobre.prune.egp import EntropyGuidedPruner
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, binary_entropy
-from sobre.prune.imp import IMPSchedule, MagnitudePruner, PruneReport, Rewinder, global_sparsity
-from sobre.prune.lacoot import CollapseBlocks, LaCoOT, auto_pairs, max_sliced_w2, rank_blocks
+from sobre.prune.imp import (
+    IMPSchedule,
+    MagnitudePruner,
+    PruneReport,
+    Reinitialize,
+    Rewinder,
+    global_sparsity,
+)
+from sobre.prune.lacoot import (
+    CollapseBlocks,
+    LaCoOT,
+    auto_pairs,
+    disjoint_blocks,
+    max_sliced_w2,
+    rank_blocks,
+    remove_blocks,
+)
 from sobre.prune.sites import Site, UniquifyActivations, find_sites, uniquify_activations
 from sobre.prune.surgery import (
     ChannelGate,
@@ -37,6 +52,7 @@ __all__ = [
     "LaCoOT",
     "MagnitudePruner",
     "PruneReport",
+    "Reinitialize",
     "Rewinder",
     "Site",
     "UniquifyActivations",
@@ -45,6 +61,7 @@ __all__ = [
     "channel_groups",
     "compact",
     "compact_report",
+    "disjoint_blocks",
     "find_sites",
     "fold_linear",
     "global_sparsity",
@@ -54,6 +71,7 @@ __all__ = [
     "max_sliced_w2",
     "rank_blocks",
     "remove_block",
+    "remove_blocks",
     "replace_activation",
     "sdd_score",
     "sparsity_curve",

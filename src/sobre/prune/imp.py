@@ -258,6 +258,9 @@ def _cut(scores: Tensor, live: Tensor, amount: float) -> tuple[Tensor, float | N
 class MagnitudePruner:
     """One round of unstructured magnitude pruning per :meth:`step` (spec §0 "IMP").
 
+    As a recipe stage transform (``apply``), each stage of ``repeat: k`` is one IMP round whose
+    fit is the retraining (a fresh optimizer and LR schedule: LR rewinding).
+
     Args:
         amount: Fraction in (0, 1) of the *live* weights to prune per step (group default 0.2,
             DSD² code); after ``r`` steps sparsity is ``1 - (1 - amount)^r``.
@@ -294,6 +297,7 @@ class MagnitudePruner:
         self.targets = _check_targets(targets)
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.score = score
+        self.last: PruneReport | None = None
 
     def modules(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this pruner prunes in ``model`` (see :func:`target_modules`)."""
@@ -357,7 +361,19 @@ class MagnitudePruner:
         _log.info(
             "IMP %s step: pruned %d weights, sparsity %.4f", self.scope, pruned, report.sparsity
         )
+        self.last = report
         return report
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """As a recipe stage transform: one :meth:`step` on ``model`` (masks only, no edit)."""
+        self.step(model)
+        return model
+
+    def report(self) -> dict[str, Any]:
+        """The last step's counts (``PruneReport.to_dict`` without the per-layer detail)."""
+        if self.last is None:
+            return {}
+        return {k: v for k, v in self.last.to_dict().items() if k != "layers"}
 
 
 def _rewindable(model: nn.Module) -> dict[str, Tensor]:
@@ -488,6 +504,25 @@ class Rewinder:
         self.seed = int(state["seed"])
         captured = state["captured"]
         self._captured = None if captured is None else dict(captured)
+
+
+class Reinitialize:
+    """Stage transform: fresh weights (masks kept), e.g. the DSD² student that starts anew.
+
+    Draws them as :class:`Rewinder`'s ``"reinit"`` mode does (each module's
+    ``reset_parameters()`` under ``seed``).
+
+    Args:
+        seed: seed of the new weights.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rewinder = Rewinder("reinit", seed)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Re-draw ``model``'s weights in place and return it."""
+        self.rewinder.apply(model)
+        return model
 
 
 class IMPSchedule:

@@ -218,10 +218,38 @@ def rank_blocks(
     return sorted(ranked, key=lambda d: d.distance)
 
 
+def _nested(a: str, b: str) -> bool:
+    """Whether module ``a`` is ``b``, inside it or around it (dotted names)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
+def disjoint_blocks(ranked: Sequence[str], k: int) -> list[str]:
+    """The first ``k`` of ``ranked`` skipping blocks inside or around one already chosen
+    (e.g. MobileNetV2's depthwise unit inside its inverted residual)."""
+    chosen: list[str] = []
+    for block in ranked:
+        if len(chosen) == k:
+            break
+        if not any(_nested(block, c) for c in chosen):
+            chosen.append(block)
+    return chosen
+
+
 def remove_blocks(
     model: nn.Module, blocks: Sequence[str], *, example_inputs: Tensor | tuple[Tensor, ...]
 ) -> nn.Module:
-    """Replace ``blocks`` by the identity: one recorded ``remove_block`` each, no fine-tune."""
+    """Replace ``blocks`` by the identity: one recorded ``remove_block`` each, no fine-tune.
+
+    Raises:
+        ConfigError: two of ``blocks`` are nested (pick them with :func:`disjoint_blocks`).
+    """
+    for i, block in enumerate(blocks):
+        for other in blocks[:i]:
+            if _nested(block, other):
+                raise ConfigError(
+                    f"blocks {other!r} and {block!r} are nested: removing one removes or "
+                    "changes the other; choose disjoint blocks (lacoot.disjoint_blocks)"
+                )
     for block in blocks:
         model = remove_block(model, block=block, example_inputs=example_inputs)
     return model
@@ -229,6 +257,8 @@ def remove_blocks(
 
 class CollapseBlocks:
     """Stage transform: replace the ``k`` blocks closest to the identity (no fine-tuning).
+
+    Nested candidates (a unit inside a block) are skipped once their parent or child is chosen.
 
     Blocks are ranked with :func:`rank_blocks` on the loader the engine passes (the training
     split; the paper ranks on validation data). Use after a stage trained with :class:`LaCoOT`,
@@ -262,12 +292,12 @@ class CollapseBlocks:
         ranked = rank_blocks(
             model, loader, pairs, n_projections=self.n_projections, max_batches=self.max_batches
         )
-        if self.k > len(ranked):
+        removed = disjoint_blocks([d.block for d in ranked], self.k)
+        if self.k > len(removed):
             raise ConfigError(
-                f"CollapseBlocks(k={self.k}) but the model has only "
-                f"{len(ranked)} removable blocks: {[d.block for d in ranked]}"
+                f"CollapseBlocks(k={self.k}) but the model has only {len(removed)} disjoint "
+                f"removable blocks: {[d.block for d in ranked]}"
             )
-        removed = [d.block for d in ranked[: self.k]]
         self._report = {
             "removed": removed,
             "distances": {d.block: round(d.distance, 6) for d in ranked},
