@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+import sobre
 from sobre.engine.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +80,19 @@ def test_python_dash_m_is_the_cli():
     )
     assert proc.returncode == 0
     assert all(cmd in proc.stdout for cmd in ("fit", "measure", "report", "recipes"))
+
+
+def test_report_compares_several_runs(tmp_path, tiny_recipe, capsys, runs_dir):
+    tiny_recipe["trainer"]["max_epochs"] = 1
+    tiny_recipe["evaluate"] = {"report": False}
+    tiny_recipe["stages"] = [{"name": "train"}, {"name": "again"}]
+    first = sobre.fit(tiny_recipe).run_dir
+    tiny_recipe["model"]["lr"] = 0.003
+    second = sobre.fit(tiny_recipe).run_dir
+    out = tmp_path / "cmp"
+    assert main(["report", str(first), str(second), "--out", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    assert f"tiny/{first.name}" in table and f"tiny/{second.name}" in table
+    assert (out / "compare.png").stat().st_size > 0
+    assert main(["report", str(first), "--out", str(out)]) == 2
+    assert "--out is for comparing" in capsys.readouterr().err

@@ -19,9 +19,7 @@ def two_stages(tiny_recipe):
     return tiny_recipe
 
 
-def test_stage_method_gets_the_earlier_stage_model_and_acts_in_its_stage_only(
-    two_stages, runs_dir
-):
+def test_stage_method_gets_the_earlier_stage_model_and_acts_in_its_stage_only(two_stages, runs_dir):
     toys.Anchor.bound.clear()
     result = sobre.fit(two_stages)
     stages = result.metrics["stages"]

@@ -24,6 +24,7 @@ EPILOG = """examples:
   sobre fit --resume runs/quickstart/20261125-101500
   sobre measure --checkpoint runs/quickstart/<time>/checkpoints/train/best.safetensors
   sobre report runs/quickstart/<time>
+  sobre report runs/imp_sdd_mnist5k_lenet/<time> runs/dsd2_mnist5k_lenet/<time> --out runs/cmp
 """
 
 
@@ -54,8 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     measure.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run")
     measure.add_argument("--batch-size", type=int, default=2, help="inputs per forward (default 2)")
     measure.add_argument("--json", help="also write the result to this JSON file")
-    report = sub.add_parser("report", help="write report.md and figures for a run folder")
-    report.add_argument("run_dir")
+    report = sub.add_parser(
+        "report",
+        help="write report.md and figures for a run folder, or compare several runs",
+        description="One run folder: its report.md and figures. Several: compare.md and one "
+        "figure overlaying their accuracy-vs-sparsity and -depth curves, written to --out.",
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="run_dir")
+    report.add_argument("--out", help="folder of the comparison (default: runs/compare)")
     recipes = sub.add_parser("recipes", help="list recipes with their paper and expected trend")
     recipes.add_argument("folder", nargs="?", default="recipes")
     return parser
@@ -104,9 +111,14 @@ def run(argv: Sequence[str]) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
     elif args.command == "report":
-        from sobre.engine.report import report
+        from sobre.engine.report import compare, report
 
-        sys.stdout.write(f"{report(args.run_dir)}\n")
+        if len(args.run_dirs) == 1:
+            if args.out:
+                raise SobreError("--out is for comparing several runs; a report goes in its run")
+            sys.stdout.write(f"{report(args.run_dirs[0])}\n")
+        else:
+            sys.stdout.write(f"{compare(args.run_dirs, args.out or 'runs/compare')}\n")
     else:
         _recipes(args.folder)
     return 0

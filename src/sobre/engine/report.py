@@ -143,33 +143,57 @@ def learning_curves(run: RunFiles) -> Figure | None:
     return fig
 
 
-@PLOTS.register("stage_curves")
-def stage_curves(run: RunFiles) -> Figure | None:
-    """Validation accuracy after each fit stage against sparsity and against depth."""
+@dataclass
+class StagePoints:
+    """Validation accuracy, sparsity and depth after each measured fit stage of a run."""
+
+    names: list[str]
+    acc: list[float]
+    sparsity: list[float]
+    depth: list[float]
+
+
+def stage_points(run: RunFiles) -> StagePoints:
+    """The per-stage points of ``metrics.json`` (stages without a measurement are skipped)."""
     stages = {
         k: v for k, v in run.metrics.get("stages", {}).items() if "measure" in v and "val/acc" in v
     }
-    if len(stages) < 2:
-        return None
-    names = list(stages)
-    acc = [stages[n]["val/acc"] for n in names]
-    meas = [stages[n]["measure"] for n in names]
-    sparsity = [1.0 - m["nonzero_params"] / m["params"] for m in meas]
-    depth = [m["depth"] for m in meas]
+    meas = [v["measure"] for v in stages.values()]
+    return StagePoints(
+        list(stages),
+        [v["val/acc"] for v in stages.values()],
+        [1.0 - m["nonzero_params"] / m["params"] for m in meas],
+        [m["depth"] for m in meas],
+    )
+
+
+def _stage_axes(title: str) -> tuple[Figure, Any]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
-    for ax, xs, label in (
-        (axes[0], sparsity, "sparsity (fraction of zero parameters)"),
-        (axes[1], depth, "depth (non-linear layers on the longest path)"),
+    for ax, label in zip(
+        axes,
+        ("sparsity (fraction of zero parameters)", "depth (non-linear layers on the longest path)"),
+        strict=True,
     ):
-        ax.plot(xs, acc, "-o", ms=4)
-        for x, y, name in zip(xs, acc, names, strict=True):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
     axes[1].invert_xaxis()  # depth goes down as layers are removed
-    axes[0].set_title("accuracy vs sparsity")
-    axes[1].set_title("accuracy vs depth")
+    axes[0].set_title(f"{title}accuracy vs sparsity")
+    axes[1].set_title(f"{title}accuracy vs depth")
+    return fig, axes
+
+
+@PLOTS.register("stage_curves")
+def stage_curves(run: RunFiles) -> Figure | None:
+    """Validation accuracy after each fit stage against sparsity and against depth."""
+    points = stage_points(run)
+    if len(points.names) < 2:
+        return None
+    fig, axes = _stage_axes("")
+    for ax, xs in ((axes[0], points.sparsity), (axes[1], points.depth)):
+        ax.plot(xs, points.acc, "-o", ms=4)
+        for x, y, name in zip(xs, points.acc, points.names, strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
     return fig
 
 
@@ -216,4 +240,44 @@ def report(run_dir: str | Path) -> Path:
     parts += ["", "## Recipe", "", "```yaml", run.config.rstrip(), "```", ""]
     path = run.dir / "report.md"
     atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _label(run: RunFiles) -> str:
+    return f"{run.dir.parent.name}/{run.dir.name}"
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Overlay several runs' accuracy-vs-sparsity and -depth curves (e.g. a weight-decay sweep
+    of a double-descent recipe) and tabulate their final metrics; returns ``compare.md``."""
+    if len(run_dirs) < 2:
+        raise ConfigError("compare needs at least two run folders")
+    runs = [read_run(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = _stage_axes("runs compared: ")
+    for run in runs:
+        points = stage_points(run)
+        for ax, xs in ((axes[0], points.sparsity), (axes[1], points.depth)):
+            ax.plot(xs, points.acc, "-o", ms=3, label=_label(run))
+    axes[0].legend(fontsize=7)
+    fig.savefig(out / "compare.png", dpi=DPI)
+    plt.close(fig)
+    lines = [
+        "# Runs compared",
+        "",
+        "| run | test/acc | val/acc | final sparsity | final depth |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        points = stage_points(run)
+        last = f"{points.sparsity[-1]:.4f} | {points.depth[-1]:g}" if points.names else "- | -"
+        metrics = run.metrics
+        lines.append(
+            f"| `{_label(run)}` | {metrics.get('test/acc', math.nan):.4f} | "
+            f"{metrics.get('val/acc', math.nan):.4f} | {last} |"
+        )
+    lines += ["", "![compare](compare.png)", ""]
+    path = out / "compare.md"
+    atomic_write_text(path, "\n".join(lines))
     return path
