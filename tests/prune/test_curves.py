@@ -142,6 +142,8 @@ def test_bad_curves_raise_config_errors():
         sdd_score(_curve([(0.0, math.nan)]))
     with pytest.raises(ConfigError, match="tol"):
         is_monotone(_curve(SPEC), tol=-0.1)
+    with pytest.raises(ConfigError, match="name of a curve metric"):
+        is_monotone(_curve(SPEC), 0.01)  # tol passed where the key goes
 
 
 def _mlp() -> nn.Module:

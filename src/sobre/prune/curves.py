@@ -158,6 +158,8 @@ def _values(curve: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], 
     Raises:
         ConfigError: An empty curve, a point without ``sparsity`` or ``key``, or a NaN value.
     """
+    if not isinstance(key, str):
+        raise ConfigError(f"key is the name of a curve metric, e.g. 'test_acc'; got {key!r}")
     if not curve:
         raise ConfigError("the curve is empty: pass the list returned by sparsity_curve")
     for index, record in enumerate(curve):
