@@ -167,34 +167,55 @@ def stage_points(run: RunFiles) -> StagePoints:
     )
 
 
-def _stage_axes(title: str) -> tuple[Figure, Any]:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
-    for ax, label in zip(
-        axes,
-        ("sparsity (fraction of zero parameters)", "depth (non-linear layers on the longest path)"),
-        strict=True,
-    ):
-        ax.set_xlabel(label)
+def _stage_figure(
+    curves: list[tuple[str, StagePoints]], title: str, annotate: bool
+) -> Figure | None:
+    """Accuracy against sparsity (and against depth when depth changes) for each curve.
+
+    Sparsity is drawn as the fraction of parameters *remaining* on a log axis once a curve goes
+    past 90 % (IMP's geometric rounds, double descent at 98-99.9 %), pruning to the right.
+    """
+    curves = [(label, p) for label, p in curves if len(p.names) >= 2]
+    if not curves:
+        return None
+    log_scale = max(max(p.sparsity) for _, p in curves) > 0.9
+    depth_moves = any(len(set(p.depth)) > 1 for _, p in curves)
+    fig, axes = plt.subplots(
+        1, 2 if depth_moves else 1, figsize=(10 if depth_moves else 5.5, 3.6), squeeze=False
+    )
+    fig.set_layout_engine("constrained")
+    panels = [(axes[0][0], "sparsity")] + ([(axes[0][1], "depth")] if depth_moves else [])
+    for ax, kind in panels:
+        for label, p in curves:
+            if kind == "depth":
+                xs = p.depth
+            else:
+                xs = [max(1.0 - s, 1e-6) for s in p.sparsity] if log_scale else p.sparsity
+            ax.plot(xs, p.acc, "-o", ms=3, label=label)
+            if annotate:
+                for x, y, name in zip(xs, p.acc, p.names, strict=True):
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
-    axes[1].invert_xaxis()  # depth goes down as layers are removed
-    axes[0].set_title(f"{title}accuracy vs sparsity")
-    axes[1].set_title(f"{title}accuracy vs depth")
-    return fig, axes
+        ax.grid(alpha=0.3, which="both")
+        if kind == "depth":
+            ax.set_xlabel("depth (non-linear layers on the longest path)")
+            ax.invert_xaxis()  # depth goes down as layers are removed
+        elif log_scale:
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.set_xlabel("fraction of parameters remaining (log)")
+        else:
+            ax.set_xlabel("sparsity (fraction of zero parameters)")
+        ax.set_title(f"{title}accuracy vs {kind}")
+    if len(curves) > 1:
+        axes[0][0].legend(fontsize=7)
+    return fig
 
 
 @PLOTS.register("stage_curves")
 def stage_curves(run: RunFiles) -> Figure | None:
     """Validation accuracy after each fit stage against sparsity and against depth."""
-    points = stage_points(run)
-    if len(points.names) < 2:
-        return None
-    fig, axes = _stage_axes("")
-    for ax, xs in ((axes[0], points.sparsity), (axes[1], points.depth)):
-        ax.plot(xs, points.acc, "-o", ms=4)
-        for x, y, name in zip(xs, points.acc, points.names, strict=True):
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    return fig
+    return _stage_figure([("", stage_points(run))], "", annotate=True)
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -255,12 +276,12 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     runs = [read_run(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = _stage_axes("runs compared: ")
-    for run in runs:
-        points = stage_points(run)
-        for ax, xs in ((axes[0], points.sparsity), (axes[1], points.depth)):
-            ax.plot(xs, points.acc, "-o", ms=3, label=_label(run))
-    axes[0].legend(fontsize=7)
+    fig = _stage_figure([(_label(r), stage_points(r)) for r in runs], "runs compared: ", False)
+    if fig is None:
+        raise ConfigError(
+            "none of these runs has two measured stages to compare; compare multi-stage runs "
+            "(e.g. recipes/prune/*.yaml)"
+        )
     fig.savefig(out / "compare.png", dpi=DPI)
     plt.close(fig)
     lines = [
