@@ -3,10 +3,13 @@
 Shared machinery: activation call sites (``sites``), activation entropy (``entropy``), iterative
 magnitude pruning on the core masks (``imp``), exact depth surgery (``surgery``) and ``compact``
 (zeroed channels into smaller dense layers). Methods: ``egp`` (EGP, NEPENTHE), ``easier``
-(EASIER), ``lacoot`` (LaCoOT), ``dsd2`` and ``curves`` (DSD², sparse double descent). Every
+(EASIER), ``lacoot`` (LaCoOT), ``dsd2`` and ``curves`` (DSD², sparse double descent);
+``callbacks``: their Lightning callbacks (loaded on first use). Every
 structure edit is a recorded ``sobre.core.edits`` edit, so pruned models reload from their recipe
 without pickles; see docs/prune.md.
 """
+
+from typing import Any
 
 from sobre.prune.compact import channel_groups, compact, compact_report
 from sobre.prune.curves import is_monotone, sdd_score, sparsity_curve
@@ -40,14 +43,29 @@ from sobre.prune.surgery import (
     replace_activation,
 )
 
+_CALLBACKS = ("EasierCallback", "EntropyGuidedPruningCallback", "IMPCallback")
+
+
+def __getattr__(name: str) -> Any:
+    """The Lightning callbacks, imported on first use: ``import sobre.prune`` loads no Lightning."""
+    if name in _CALLBACKS:
+        from sobre.prune import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ActivationEntropy",
     "ChannelGate",
     "CollapseBlocks",
     "DistillationLoss",
     "Easier",
+    "EasierCallback",
     "EntropyGuidedPruner",
+    "EntropyGuidedPruningCallback",
     "EntropyReport",
+    "IMPCallback",
     "IMPSchedule",
     "LaCoOT",
     "MagnitudePruner",

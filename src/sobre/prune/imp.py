@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sobre.core.errors import ConfigError
-from sobre.core.masks import attach_mask, iter_masks, remove_masks
+from sobre.core.masks import attach_mask, get_mask, iter_masks, remove_masks
 from sobre.core.registry import suggest
 
 _log = logging.getLogger(__name__)
@@ -585,7 +585,15 @@ class IMPSchedule:
             rewinder.capture(model)
 
     def setup(self, model: nn.Module) -> None:
-        """Capture the initial weights when weight rewinding goes back to epoch 0."""
+        """Attach all-ones masks to the unmasked target layers, and capture the initial weights
+        when weight rewinding goes back to epoch 0.
+
+        With the masks in place before the optimizer (and a DDP wrapper) is built, rounds only
+        change mask values: the parameter order a resumed optimizer relies on never changes.
+        """
+        for module in self.pruner.modules(model).values():
+            if get_mask(module) is None:
+                attach_mask(module, "weight")
         self._capture_if_due(model, 0)
 
     def on_epoch_end(self, model: nn.Module, epoch: int, metrics: Mapping[str, float]) -> None:
