@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+import toys
 from toys import Crash
 
 import sobre
+from sobre.core.edits import edit_log
 from sobre.core.errors import CheckpointError, ConfigError
 from sobre.core.masks import get_mask
-from sobre.core.serialization import load_tree
+from sobre.core.serialization import load_tree, read_info
 from sobre.engine.report import read_run
 
 
@@ -219,5 +221,17 @@ def test_evaluate_final_weights_instead_of_best(tiny_recipe, runs_dir):
     final = load_tree(result.run_dir / "checkpoints/train/final.safetensors")[0]["state_dict"]
     assert all(torch.equal(final[k], v) for k, v in result.routine.state_dict().items())
     dm, net = result.datamodule, result.routine.net.eval()
+    correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
+    assert result.metrics["test/acc"] == pytest.approx(correct / len(dm.test_dataset))
+
+
+def test_best_checkpoint_is_tested_in_its_own_structure(tiny_recipe, runs_dir):
+    tiny_recipe["model"]["lr"] = 1e-12  # val/acc never improves after epoch 0: best = epoch 0
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    result = sobre.fit(tiny_recipe, callbacks=[toys.EditAtLastEpoch("features.relu4")])
+    best = result.run_dir / "checkpoints/train/best.safetensors"
+    assert read_info(best)["edits"] == []  # the best epoch came before the edit
+    assert edit_log(result.routine.net) == []  # the tested model is the best one, unedited
+    dm, net = result.datamodule, sobre.load(best).net
     correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
     assert result.metrics["test/acc"] == pytest.approx(correct / len(dm.test_dataset))

@@ -166,3 +166,14 @@ class ProbeAndMask:
 
     def report(self) -> dict[str, int]:
         return {"batches": self.batches, "calls": self.calls}
+
+
+class EditAtLastEpoch(Callback):
+    """A recorded structure edit made inside a fit, after the last epoch's validation."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            pl_module.net = make_identity(pl_module.net, site=self.site)

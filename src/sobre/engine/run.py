@@ -374,6 +374,11 @@ class _Run:
             )
         best = self.dir / "checkpoints" / last / "best.safetensors"
         use_best = self.cfg.evaluate.get("checkpoint", "best") == "best" and best.is_file()
+        if use_best and read_info(best).get("edits", []) != edit_log(self.routine.net):
+            # an in-fit edit (e.g. a pruning callback) came after the best epoch: test the best
+            # weights in their own structure, rebuilt from the recipe by replaying their log
+            self.routine.net = load(best).net
+            use_best = False
         if self.cfg.evaluate.get("test", True):
             out = self.trainer.test(
                 self.routine,
