@@ -5,6 +5,7 @@
 - ``dist``: all-reduce helpers so every rank takes the same decision; no-ops when not distributed.
 - ``measure``: parameters, FLOPs, latency, saved-activation and peak memory, depth.
 - ``labels``: label-noise injection (data modules, DSD²).
+- ``members``: the member-major ``(M·B, K)`` layout of ensemble outputs.
 - ``methods``: the method protocols (:class:`Regularizer`, hooks) and :class:`StepContext`.
 - ``serialization``: safetensors + JSON files, written atomically, read without unpickling.
 - ``edits``: atomic, recorded structure edits, replayed when a checkpoint is loaded.
@@ -30,6 +31,7 @@ from sobre.core.masks import (
     sparsity,
 )
 from sobre.core.measure import Measurement, measure
+from sobre.core.members import member_targets, num_members, split_members
 from sobre.core.methods import (
     EpochHook,
     GradientHook,
@@ -67,8 +69,11 @@ __all__ = [
     "get_mask",
     "iter_masks",
     "measure",
+    "member_targets",
+    "num_members",
     "remove_masks",
     "restore_masks",
     "sparsity",
+    "split_members",
     "total",
 ]

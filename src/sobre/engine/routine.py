@@ -14,19 +14,31 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import restore_masks
+from sobre.core.members import member_targets, num_members, split_members
 from sobre.core.methods import Regularizer, SetupHook, StepContext, task_weight, total
 from sobre.core.taps import FeatureTap
 
 Stage = Literal["train", "val", "test"]
 
 
+def _mean_probs(logits: Tensor, m: int) -> Tensor:
+    """The members' mean softmax ``(B, K)`` (an ordinary model's softmax when ``m == 1``)."""
+    return logits.softmax(-1) if m == 1 else split_members(logits, m).softmax(-1).mean(1)
+
+
 class ClassificationRoutine(pl.LightningModule):
     """Train, validate and test a classifier; the loss is cross-entropy + Σ regulariser terms.
+
+    An ensemble network (``net.num_members = M``, member-major ``(M·B, K)`` logits: a packed
+    model or a deep ensemble) trains on the targets repeated M times (the mean of the members'
+    cross-entropies) and is validated and tested on the mean of its members' softmaxes:
+    ``*/acc`` of that mean, ``*/loss`` its NLL.
 
     Args:
         arch: a name for :func:`sobre.models.create` (ignored when ``net`` is given).
@@ -129,12 +141,14 @@ class ClassificationRoutine(pl.LightningModule):
             epoch=self.current_epoch,
             stage="train",
         )
-        terms = {"task": task_weight(self.regularizers) * self.criterion(logits, y)}
+        m = num_members(self.net)
+        task = self.criterion(logits, member_targets(y, m) if m > 1 else y)  # mean over members
+        terms = {"task": task_weight(self.regularizers) * task}
         for reg in self.regularizers:
             terms.update({k: v for k, v in reg.terms(ctx).items()})
         loss = total(terms)
         self.step_context = ctx
-        self.acc["train_acc"](logits.detach(), y)
+        self.acc["train_acc"](_mean_probs(logits.detach(), m), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         if len(terms) > 1:
             self.log_dict(
@@ -146,8 +160,12 @@ class ClassificationRoutine(pl.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> None:
         x, y = batch
         logits = self.net(x)
-        self.acc[f"{stage}_acc"](logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, sync_dist=True)
+        m = num_members(self.net)
+        probs = _mean_probs(logits, m)
+        self.acc[f"{stage}_acc"](probs, y)
+        # the ensemble's NLL (of the mean probability); an ordinary model's cross-entropy
+        loss = self.criterion(logits, y) if m == 1 else F.nll_loss(probs.clamp_min(1e-12).log(), y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", self.acc[f"{stage}_acc"], on_epoch=True, prog_bar=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
