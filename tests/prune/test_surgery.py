@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, fx, nn
 from sobre.core.edits import edit_log, replay
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.masks import attach_mask
-from sobre.core.measure import depth
+from sobre.core.measure import depth, flops
 from sobre.core.taps import FeatureTap
 from sobre.models import create
 from sobre.prune.surgery import (
@@ -264,13 +265,19 @@ def test_fold_conv_pairs_is_exact(data, seed, gated):
     middle = ChannelGate(keep.float()) if gated else nn.Identity()
     net = nn.Sequential(first, middle, second).eval()
     x = torch.randn(2, 2, 9, 9)
-    folded = fold_linear(net, "0", "2")
+    folded = fold_linear(net, "0", "2", only_cheaper=False)
     assert isinstance(folded[2], nn.Identity) and isinstance(folded[1], nn.Identity)
     assert tuple(folded[0].kernel_size) == kernel and folded[0].groups == 1
     with torch.no_grad():
         assert _rel(folded(x), net(x)) < 1e-5
     assert edit_log(folded)[0]["params"]["between"] == ["1"]
     _assert_replays(folded, _fresh(net), x)
+    default = fold_linear(net, "0", "2")  # merged only when the merged conv is cheaper
+    pair, merged = edit_log(default)[0]["params"]["macs"]
+    assert edit_log(default)[0]["params"]["folded"] is (merged < pair)
+    assert isinstance(default[2], nn.Identity) is (merged < pair)
+    with torch.no_grad():
+        assert _rel(default(x), net(x)) < 1e-5
 
 
 def test_fold_batchnorm_into_conv_and_linear_is_exact():
@@ -312,6 +319,60 @@ def test_fold_linear_pairs_and_our_nets():
         assert _rel(folded(x), resnet(x)) < 1e-5
     fresh = create("resnet20", num_classes=10, in_channels=3)
     _assert_replays(folded, fresh, x)
+
+
+def test_fold_skips_a_bottleneck_pair_that_would_grow_unless_forced(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    net = nn.Sequential(nn.Linear(64, 8), nn.Identity(), nn.Linear(8, 64)).eval()
+    with caplog.at_level(logging.WARNING, logger="sobre.prune.surgery"):
+        kept = fold_linear(net, "0", "2")  # 64 * 64 MACs merged > 64 * 8 + 8 * 64
+    assert [type(m) for m in kept] == [nn.Linear, nn.Identity, nn.Linear]
+    assert kept[0].out_features == 8
+    assert "'0' and '2' not merged" in caplog.text and "4096" in caplog.text
+    assert edit_log(kept)[0]["params"] == {
+        "first": "0",
+        "second": "2",
+        "between": ["1"],
+        "allow_approximate": False,
+        "macs": [1024, 4096],
+        "folded": False,
+    }
+    forced = fold_linear(net, "0", "2", only_cheaper=False)
+    assert forced[0].weight.shape == (64, 64) and isinstance(forced[2], nn.Identity)
+    assert edit_log(forced)[0]["params"]["folded"] is True
+    with torch.no_grad():
+        ref = net(x)
+        assert torch.equal(kept(x), ref)
+        assert _rel(forced(x), ref) < 1e-5
+    for edited in (kept, forced):
+        _assert_replays(edited, _fresh(net), x)  # replay takes the recorded decision
+    widening = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 8)).eval()
+    folded = fold_linear(widening, "0", "1")  # 8 * 8 < 8 * 64 + 64 * 8
+    assert isinstance(folded[1], nn.Identity) and folded[0].weight.shape == (8, 8)
+    assert edit_log(folded)[0]["params"]["macs"] == [1024, 64]
+
+
+def test_fold_costs_conv_pairs_per_output_position_as_measured():
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 16, 16)
+    depthwise = nn.Sequential(  # a MobileNet depthwise 3x3 then a 1x1: dense 3x3 when merged
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.Conv2d(16, 32, 1, stride=2)
+    ).eval()
+    kept = fold_linear(depthwise, "0", "1")
+    assert isinstance(kept[1], nn.Conv2d) and kept[0].groups == 16
+    pair, merged = edit_log(kept)[0]["params"]["macs"]
+    assert (pair, merged) == (16 * 9 * 4 + 16 * 32, 32 * 16 * 9)
+    forced = fold_linear(depthwise, "0", "1", only_cheaper=False)
+    assert forced[0].stride == (4, 4)
+    assert flops(forced, x) / flops(depthwise, x) == pytest.approx(merged / pair)
+    with torch.no_grad():
+        assert _rel(forced(x), depthwise(x)) < 1e-5
+    pointwise = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 8, 1)).eval()
+    folded = fold_linear(pointwise, "0", "1")
+    assert isinstance(folded[1], nn.Identity)
+    pair, merged = edit_log(folded)[0]["params"]["macs"]
+    assert flops(folded, x) / flops(pointwise, x) == pytest.approx(merged / pair)
 
 
 def test_fold_kxk_pair_that_pads_is_refused_unless_approximate():

@@ -13,7 +13,8 @@ make its calls unique first, e.g. with ``sobre.prune.sites.uniquify_activations`
   always-ON ones passed through), exact for ReLU on the data its ON/OFF pattern came from.
 - :func:`fold_linear`: BN into the preceding conv/linear, Linear∘Linear, conv∘conv with a 1x1 on
   either side, after checking with ``torch.fx`` (or a probe run) that nothing non-linear sits
-  between the two modules; kxk∘kxk only when exact or explicitly approximate (LayerFold).
+  between the two modules; kxk∘kxk only when exact or explicitly approximate (LayerFold); by
+  default only where the merged layer costs fewer MACs than the pair.
 - :func:`remove_block`: a shape-preserving block becomes ``nn.Identity`` (LaCoOT).
 
 Fewer non-linear layers is not faster by itself (a 3x3∘3x3 pair folded into a 5x5 conv ran 7 %
@@ -26,6 +27,8 @@ convention): ``linearize(model, site="features.relu2", keep=[1, 0, 1])``.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,6 +45,8 @@ from torch.utils._pytree import tree_leaves
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.registry import suggest
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -585,13 +590,12 @@ def _fold_linears(first: nn.Linear, second: nn.Linear, g: Tensor) -> nn.Linear:
     return _set_params(merged, weight, bias if has_bias else None)
 
 
-def _fold_convs(
-    first: nn.Module, second: nn.Module, g: Tensor, names: tuple[str, str], approximate: bool
-) -> nn.Module:
-    """``second(g * first(x))`` as one conv (groups expanded to a dense kernel)."""
+def _merged_geometry(
+    first: nn.Module, second: nn.Module, names: tuple[str, str], approximate: bool
+) -> dict[str, Any]:
+    """Geometry of the one conv equal to ``second(first(x))``; refuses what it cannot merge."""
     a, b = _conv_geometry(first), _conv_geometry(second)
     one_a, one_b = all(k == 1 for k in a["kernel"]), all(k == 1 for k in b["kernel"])
-    b1 = g * _bias(first, first.out_channels)
     if one_b and not any(b["padding"]):
         stride = tuple(s * t for s, t in zip(a["stride"], b["stride"], strict=True))
         geometry, exact = {**a, "stride": stride}, True
@@ -638,7 +642,15 @@ def _fold_convs(
             f"borders: {why}. Pass allow_approximate=True to accept it (LayerFold); the merged "
             "conv can also be slower, so measure latency"
         )
-    dims = len(a["kernel"])
+    return geometry
+
+
+def _fold_convs(
+    first: nn.Module, second: nn.Module, g: Tensor, geometry: dict[str, Any]
+) -> nn.Module:
+    """``second(g * first(x))`` as one conv of ``geometry`` (groups expanded to a dense kernel)."""
+    b1 = g * _bias(first, first.out_channels)
+    dims = len(geometry["kernel"])
     w1 = g.reshape(-1, *[1] * (dims + 1)) * _dense_weight(first)  # (C1, C0, *k1)
     w2 = _dense_weight(second)  # (C2, C1, *k2)
     conv = getattr(F, f"conv{dims}d")
@@ -665,11 +677,57 @@ def _fold_convs(
     return _set_params(merged, weight, bias if has_bias else None)
 
 
+def _pair_kind(a: nn.Module, b: nn.Module, names: tuple[str, str]) -> str:
+    """``"bn"``, ``"linear"`` or ``"conv"``: which merge folds ``b`` after ``a``; refuses others."""
+    for name, module in zip(names, (a, b), strict=True):
+        if parametrize.is_parametrized(module):
+            raise ConfigError(
+                f"fold_linear: {name!r} carries masks; bake them first (sobre.core.masks.bake)"
+            )
+    if isinstance(b, _BatchNorm) and isinstance(a, (nn.Linear, *_CONVS)):
+        return "bn"
+    if type(a) is nn.Linear and type(b) is nn.Linear:
+        return "linear"
+    if type(a) in _CONVS and type(b) is type(a) and a.out_channels == b.in_channels:
+        return "conv"
+    raise ConfigError(
+        f"fold_linear cannot merge {names[0]!r} ({_typename(a)}) with {names[1]!r} "
+        f"({_typename(b)}); supported pairs: {_SUPPORTED_PAIRS}"
+    )
+
+
+def _macs(layer: nn.Module) -> int:
+    """Multiply-accumulates of a Linear per input row, of a conv per output position."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features * layer.out_features
+    k = math.prod(layer.kernel_size)
+    return layer.out_channels * layer.in_channels // layer.groups * k
+
+
+def _fold_macs(
+    a: nn.Module, b: nn.Module, kind: str, names: tuple[str, str], approximate: bool
+) -> tuple[int, int]:
+    """MACs of the pair and of the merged layer, per output position of the merged layer.
+
+    A conv ``a`` runs on ``prod(stride of b)`` positions per output position; a BN costs one MAC
+    per channel; borders are ignored (the count of a network is ``sum`` over positions).
+    Raises what :func:`_merged_geometry` raises for a conv pair it cannot merge.
+    """
+    if kind == "bn":
+        return _macs(a) + b.num_features, _macs(a)
+    if kind == "linear":
+        return _macs(a) + _macs(b), a.in_features * b.out_features
+    kernel = _merged_geometry(a, b, names, approximate)["kernel"]
+    merged = b.out_channels * a.in_channels * math.prod(kernel)
+    return _macs(a) * math.prod(b.stride) + _macs(b), merged
+
+
 def fold_linear(
     model: nn.Module,
     first: str,
     second: str,
     *,
+    only_cheaper: bool = True,
     allow_approximate: bool = False,
     example_inputs: Tensor | tuple[Any, ...] | None = None,
 ) -> nn.Module:
@@ -691,13 +749,24 @@ def fold_linear(
     (kept, and an identity in eval) at most, and that output must feed nothing else. The check
     uses ``torch.fx`` when the model traces, else one probe forward on ``example_inputs``.
 
-    The recorded edit (op ``fold_linear``) stores the modules found in between, so replaying it
-    needs neither tracing nor example inputs.
+    Fewer layers is not faster by itself (spec §0, LayerFold): with ``only_cheaper`` (the
+    default) the pair is merged only when the merged layer costs fewer multiply-accumulates
+    than the two layers, per output position (``Linear(a, b)`` then ``Linear(b, c)``: when
+    ``a*c < a*b + b*c``; a depthwise 3x3 then a 1x1 gives a dense 3x3 and is kept apart). A BN
+    fold always costs less. A costlier exact merge is not applied: a warning names both costs,
+    and the recorded entry says ``folded: false``.
+
+    The recorded edit (op ``fold_linear``) stores the modules found in between, both costs
+    (``macs``: ``[pair, merged]``) and whether the merge was applied (``folded``), so replaying
+    it needs neither tracing nor example inputs and takes the same decision.
 
     Args:
-        model: The model (left untouched; the edited copy is returned).
+        model: The model (left untouched; the edited copy is returned, unchanged apart from its
+            edit log when a costlier merge was skipped).
         first: Dotted name of the first module.
         second: Dotted name of the module that reads its output.
+        only_cheaper: Skip a merge whose merged layer costs at least as many MACs as the pair;
+            ``False`` forces every exact (or allowed approximate) merge.
         allow_approximate: Accept a merge that is inexact near the borders.
         example_inputs: Inputs of ``forward`` (a tensor or a tuple), needed only when the model
             cannot be traced with ``torch.fx``.
@@ -720,36 +789,60 @@ def fold_linear(
         )
     else:
         between = _path_probe(model, first, second, example_inputs)
+    names = (first, second)
+    a, b = get_module(model, first), get_module(model, second)
+    pair, merged = _fold_macs(a, b, _pair_kind(a, b, names), names, allow_approximate)
+    folded = merged < pair or not only_cheaper
+    if not folded:
+        log.warning(
+            "fold_linear: %r and %r not merged: the merged %s would cost %d MACs per output "
+            "position, the pair %d (x%.2f); pass only_cheaper=False to merge anyway",
+            first,
+            second,
+            _typename(a),
+            merged,
+            pair,
+            merged / pair,
+        )
     return _fold_linear_edit(
-        model, first=first, second=second, between=between, allow_approximate=allow_approximate
+        model,
+        first=first,
+        second=second,
+        between=between,
+        allow_approximate=allow_approximate,
+        macs=[pair, merged],
+        folded=folded,
     )
 
 
 @structural_edit("fold_linear")
 def _fold_linear_edit(
-    model: nn.Module, first: str, second: str, between: list[str], allow_approximate: bool = False
+    model: nn.Module,
+    first: str,
+    second: str,
+    between: list[str],
+    allow_approximate: bool = False,
+    macs: list[int] | None = None,
+    folded: bool = True,
 ) -> nn.Module:
-    """The recorded part of :func:`fold_linear` (adjacency already checked)."""
+    """The recorded part of :func:`fold_linear` (adjacency checked, ``folded`` decided).
+
+    ``macs`` (``[pair, merged]``) is informative only; ``folded=False`` leaves the model as is.
+    """
+    if not folded:
+        return model
     a, b = get_module(model, first), get_module(model, second)
-    for name, module in ((first, a), (second, b)):
-        if parametrize.is_parametrized(module):
-            raise ConfigError(
-                f"fold_linear: {name!r} carries masks; bake them first (sobre.core.masks.bake)"
-            )
+    kind = _pair_kind(a, b, (first, second))
     linear = isinstance(a, nn.Linear)
     channels = a.out_features if linear else getattr(a, "out_channels", 0)
-    if isinstance(b, _BatchNorm) and (linear or isinstance(a, _CONVS)):
-        merged = _fold_bn(a, b, _gate_vector(model, between, channels, linear), second)
-    elif type(a) is nn.Linear and type(b) is nn.Linear:
-        merged = _fold_linears(a, b, _gate_vector(model, between, channels, True))
-    elif type(a) in _CONVS and type(b) is type(a) and a.out_channels == b.in_channels:
-        g = _gate_vector(model, between, channels, False)
-        merged = _fold_convs(a, b, g, (first, second), allow_approximate)
+    g = _gate_vector(model, between, channels, linear)
+    if kind == "bn":
+        merged = _fold_bn(a, b, g, second)
+    elif kind == "linear":
+        merged = _fold_linears(a, b, g)
     else:
-        raise ConfigError(
-            f"fold_linear cannot merge {first!r} ({_typename(a)}) with {second!r} "
-            f"({_typename(b)}); supported pairs: {_SUPPORTED_PAIRS}"
-        )
+        geometry = _merged_geometry(a, b, (first, second), allow_approximate)
+        merged = _fold_convs(a, b, g, geometry)
     set_module(model, first, merged)
     set_module(model, second, nn.Identity())
     for name in between:
