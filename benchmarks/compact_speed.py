@@ -82,16 +82,17 @@ def zero_half(model: nn.Module, x: Tensor, norms: bool) -> nn.Module:
     return model
 
 
-def tp_magnitude(model: nn.Module, x: Tensor) -> nn.Module:
+def tp_magnitude(model: nn.Module, x: Tensor, ratio: float = 0.5) -> nn.Module:
+    """Torch-Pruning's ``MagnitudePruner`` (``BasePruner`` + L1 importance) at ``ratio`` of every
+    group's channels, the classifier ignored."""
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    pruner = tp.pruner.BasePruner(
+    tp.pruner.BasePruner(
         model,
         x,
         importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=0.5,
+        pruning_ratio=ratio,
         ignored_layers=[head],
-    )
-    pruner.step()
+    ).step()
     return model.eval()
 
 
