@@ -9,6 +9,8 @@ depends on ``(seed, e)`` only, so resumed runs are exact. Nothing is ever downlo
 - ``cifar10``/``cifar100``: the official python batches in a local folder.
 - ``imagefolder``: any local ``root/train/<class>/*`` image tree.
 - ``synthetic``: learnable random tensors of any shape, for tests.
+- ``ood``: out-of-distribution and shifted evaluation sets (``OOD_SETS``, ``ood_dataset``):
+  photo crops, inverted and noisy/blurred MNIST offline; SVHN and CIFAR-10-C from local files.
 
 Example:
     >>> from sobre import data
@@ -41,6 +43,16 @@ from sobre.data.cifar import (
     cifar100_datasets,
 )
 from sobre.data.imagefolder import ImageFolderDataModule, imagefolder_datasets
+from sobre.data.ood import (
+    OOD_SETS,
+    UNKNOWN,
+    cifar10c,
+    inverted_mnist,
+    ood_dataset,
+    photo_crops,
+    shifted_mnist,
+    svhn,
+)
 from sobre.data.packaged import (
     DigitsDataModule,
     MNIST1DDataModule,
@@ -55,6 +67,8 @@ from sobre.data.synthetic import SyntheticDataModule, synthetic_datasets
 __all__ = [
     "DATASETS",
     "DEFAULT_DATASET",
+    "OOD_SETS",
+    "UNKNOWN",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CropFlipDataset",
@@ -69,15 +83,21 @@ __all__ = [
     "SyntheticDataModule",
     "UnsafePickleError",
     "cifar10_datasets",
+    "cifar10c",
     "cifar100_datasets",
     "create",
     "datamodule_parameters",
     "default_data_root",
     "digits_datasets",
     "imagefolder_datasets",
+    "inverted_mnist",
     "mnist1d_datasets",
     "mnist5k_datasets",
+    "ood_dataset",
+    "photo_crops",
+    "shifted_mnist",
     "stratified_split",
+    "svhn",
     "synthetic_datasets",
 ]
 
