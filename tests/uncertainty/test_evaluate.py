@@ -89,3 +89,22 @@ def test_unknown_set_names_are_refused_with_a_suggestion():
 
     with pytest.raises(ConfigError, match="photo_crops"):
         UncertaintyEvaluation(ood=["photo_crop"])
+
+
+def test_sobre_test_recomputes_the_table_of_a_checkpoint(tiny_recipe, runs_dir, capsys):
+    from sobre.engine.cli import main
+
+    tiny_recipe["data"].update(input_shape=[1, 28, 28], num_classes=10, num_samples=160)
+    tiny_recipe["trainer"]["max_epochs"] = 1
+    tiny_recipe["evaluate"] = {"measure": False, "report": False, "checkpoint": "final"}
+    result = sobre.fit(tiny_recipe)
+    ckpt = result.run_dir / "checkpoints/train/final.safetensors"
+    again = sobre.retest(ckpt)
+    assert again["test/acc"] == pytest.approx(result.metrics["test/acc"])
+    out = result.run_dir.parent / "t.json"
+    code = main(["test", "--checkpoint", str(ckpt), "--ood", "inverted_mnist", "--json", str(out)])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["test/acc"] == pytest.approx(result.metrics["test/acc"])
+    assert 0 <= metrics["ood/inverted_mnist/msp/auroc"] <= 1
+    assert "ood/inverted_mnist/energy/fpr95" in capsys.readouterr().out

@@ -6,7 +6,7 @@ from sobre.engine.callbacks import EpochSummary, MethodCallback, RngState
 from sobre.engine.checkpoint import SafeModelCheckpoint, SafetensorsCheckpointIO
 from sobre.engine.report import PLOTS, report
 from sobre.engine.routine import ClassificationRoutine
-from sobre.engine.run import RunResult, Stage, fit, load
+from sobre.engine.run import RunResult, Stage, fit, load, retest
 from sobre.engine.trainer import make_trainer
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "load",
     "make_trainer",
     "report",
+    "retest",
 ]

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sobre.core.errors import SobreError
 
@@ -23,6 +24,7 @@ EPILOG = """examples:
   sobre fit --config recipes/quickstart.yaml --trainer.max_epochs 3 --model.lr 0.003
   sobre fit --resume runs/quickstart/20261125-101500
   sobre measure --checkpoint runs/quickstart/<time>/checkpoints/train/best.safetensors
+  sobre test --checkpoint runs/<recipe>/<time>/checkpoints/train/best.safetensors --ood photo_crops
   sobre report runs/quickstart/<time>
   sobre report runs/imp_sdd_mnist5k_lenet/<time> runs/dsd2_mnist5k_lenet/<time> --out runs/cmp
 """
@@ -55,6 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     measure.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run")
     measure.add_argument("--batch-size", type=int, default=2, help="inputs per forward (default 2)")
     measure.add_argument("--json", help="also write the result to this JSON file")
+    test = sub.add_parser(
+        "test",
+        allow_abbrev=False,
+        help="test a checkpoint again with its recipe's data and test-time callbacks",
+        description="Test a checkpoint with the data and trainer callbacks of its recipe (e.g. "
+        "the uncertainty table of UncertaintyEvaluation); --ood/--shift add offline OOD and "
+        "shifted sets (see sobre.data.OOD_SETS); extra --section.key value pairs override "
+        "the recipe.",
+    )
+    test.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run")
+    test.add_argument(
+        "--ood",
+        nargs="*",
+        default=[],
+        help="OOD set names, e.g. photo_crops (these replace "
+        "the recipe's trainer.callbacks by one UncertaintyEvaluation)",
+    )
+    test.add_argument("--shift", nargs="*", default=[], help="shifted set names")
+    test.add_argument("--json", help="also write the metrics to this JSON file")
     report = sub.add_parser(
         "report",
         help="write report.md and figures for a run folder, or compare several runs",
@@ -88,7 +109,7 @@ def _recipes(folder: str) -> None:
 def run(argv: Sequence[str]) -> int:
     """Run the command line ``argv`` (without the program name)."""
     args, rest = _parser().parse_known_args(argv)
-    if rest and args.command != "fit":
+    if rest and args.command not in ("fit", "test"):
         raise SobreError(f"unexpected arguments {' '.join(rest)!r} for `sobre {args.command}`")
     if args.command == "fit":
         from sobre.engine.run import fit
@@ -110,6 +131,22 @@ def run(argv: Sequence[str]) -> int:
         sys.stdout.write(result.table() + "\n")
         if args.json:
             Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    elif args.command == "test":
+        from sobre.engine.recipes import parse_overrides
+        from sobre.engine.run import retest
+
+        overrides: dict[str, Any] = parse_overrides(rest) if rest else {}
+        if args.ood or args.shift:
+            overrides["trainer.callbacks"] = [
+                {
+                    "class_path": "sobre.uncertainty.callbacks.UncertaintyEvaluation",
+                    "init_args": {"ood": args.ood, "shift": args.shift},
+                }
+            ]
+        metrics = retest(args.checkpoint, overrides=overrides)
+        sys.stdout.write(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics, indent=1))
     elif args.command == "report":
         from sobre.engine.report import compare, report
 

@@ -496,3 +496,32 @@ def load(path: str | Path) -> pl.LightningModule:
         raise tidy_parser_error(err, str(path)) from None
     routine.checkpoint_info = restore(routine, path)
     return routine.eval()
+
+
+def retest(
+    checkpoint: str | Path,
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, float]:
+    """Test a checkpoint again with its recipe's data and trainer callbacks; returns the metrics.
+
+    A recipe that lists ``sobre.uncertainty.callbacks.UncertaintyEvaluation`` under
+    ``trainer.callbacks`` gets its whole uncertainty table; ``overrides`` change the recipe first
+    (e.g. ``{"data.batch_size": 512}``), ``callbacks`` add Lightning callbacks.
+    """
+    routine = load(checkpoint)  # checks the file and rebuilds the structure
+    recipe = dict(routine.checkpoint_info["recipe"])
+    if overrides:
+        parsed = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        recipe = apply_overrides(recipe, parsed)
+    recipe.pop("stages", None)  # nothing is trained here: stages and methods are not needed
+    recipe.pop("methods", None)
+    _, objs = _instantiate(normalize(recipe), str(checkpoint))
+    given = recipe.get("trainer") or {}
+    kwargs = {k: v for k, v in dict(objs.trainer).items() if k in given and k != "max_epochs"}
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *callbacks]
+    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(default_root_dir=Path(checkpoint).parent, **kwargs)
+    out = trainer.test(routine, datamodule=objs.data, verbose=False)
+    return {k: float(v) for k, v in (out[0] if out else {}).items()}
