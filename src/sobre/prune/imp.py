@@ -23,7 +23,6 @@ custom ``score`` must be rank-identical too (all-reduce its statistics with ``so
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -36,8 +35,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from sobre.core.errors import ConfigError
-from sobre.core.masks import attach_mask, get_mask, iter_masks, remove_masks
+from sobre.core.masks import attach_mask, get_mask, iter_masks
 from sobre.core.registry import suggest
+from sobre.core.weights import fresh_weights
 
 _log = logging.getLogger(__name__)
 
@@ -466,30 +466,9 @@ class Rewinder:
 
     def _reinit(self, model: nn.Module) -> None:
         raw = _rewindable(model)
-        params = {_ORIGINAL.sub(r"\1\2", k) for k, _ in model.named_parameters()}
-        drawn: set[str] = set()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.seed)
-            for name, module in model.named_modules():
-                if not callable(getattr(module, "reset_parameters", None)):
-                    continue
-                fresh = remove_masks(copy.deepcopy(module)).cpu()
-                fresh.reset_parameters()  # type: ignore[operator]
-                prefix = f"{name}." if name else ""
-                own = itertools.chain(
-                    fresh.named_parameters(recurse=False), fresh.named_buffers(recurse=False)
-                )
-                for key, value in own:
-                    if prefix + key in raw:  # non-persistent buffers are not weights
-                        raw[prefix + key].copy_(value)
-                        drawn.add(prefix + key)
-        kept = sorted(params - drawn)
-        if kept:
-            _log.warning(
-                "reinit: %d parameters have no reset_parameters and keep their values: %s",
-                len(kept),
-                kept[:5],
-            )
+        with torch.no_grad():
+            for key, value in fresh_weights(model, self.seed).items():
+                raw[key].copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         """Mode, seed and the captured rewind point (tensors) or ``None``."""
