@@ -180,3 +180,34 @@ def test_ensemble_loss_rejects_wrong_row_counts(rows: int) -> None:
         EnsembleLoss(num_members=M)(torch.zeros(rows, K), torch.zeros(B, dtype=torch.long))
     with pytest.raises(ConfigError, match="num_members"):
         EnsembleLoss(num_members=0)
+
+
+def test_ensemble_transform_trains_in_a_recipe_and_reloads(tiny_recipe, runs_dir):
+    import sobre
+    from sobre.core.edits import edit_log
+
+    tiny_recipe["trainer"]["max_epochs"] = 1
+    tiny_recipe["stages"] = [
+        {
+            "name": "train",
+            "transforms": [
+                {
+                    "class_path": "sobre.uncertainty.ensemble.Ensemble",
+                    "init_args": {"num_members": 3, "seed": 5},
+                }
+            ],
+        }
+    ]
+    tiny_recipe["evaluate"] = {"measure": False, "report": False}
+    result = sobre.fit(tiny_recipe)
+    net = result.routine.net
+    assert isinstance(net, DeepEnsemble) and net.num_members == 3
+    assert [e["op"] for e in edit_log(net)] == ["deep_ensemble"]
+    first = [p.detach() for p in net.members[0].parameters()]
+    second = [p.detach() for p in net.members[1].parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    loaded = sobre.load(result.run_dir / "checkpoints/train/best.safetensors").net
+    assert isinstance(loaded, DeepEnsemble) and loaded.num_members == 3
+    x = torch.randn(4, 1, 8, 8)
+    out = loaded(x)
+    assert out.shape == (12, 3)

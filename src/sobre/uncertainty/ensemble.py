@@ -28,6 +28,7 @@ Two execution modes give the same numbers (to float rounding), a third picks one
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,10 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
 from sobre.core.members import member_targets
+from sobre.core.weights import fresh_weights
 
-__all__ = ["DeepEnsemble", "EnsembleLoss"]
+__all__ = ["DeepEnsemble", "Ensemble", "EnsembleLoss", "make_ensemble"]
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +250,44 @@ class EnsembleLoss(nn.Module):
                 "(M·B, K) output and the batch's B targets, with num_members = M"
             )
         return self.base(logits, member_targets(target, m))
+
+
+@structural_edit("deep_ensemble")
+def make_ensemble(
+    model: nn.Module, *, num_members: int, seed: int = 0, mode: Mode = "sequential"
+) -> DeepEnsemble:
+    """A recorded edit: ``model`` becomes a :class:`DeepEnsemble` of ``num_members`` copies of its
+    architecture, member ``m`` with :func:`~sobre.core.weights.fresh_weights` of ``seed + m``.
+
+    Recorded, so a checkpoint of the ensemble reloads from the recipe's architecture.
+    ``"sequential"`` by default: ``"auto"`` times both modes and may pick differently on two
+    runs (same numbers up to float rounding, but not bit-identical resumes).
+    """
+    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
+        raise ConfigError(f"num_members must be an integer >= 1, got {num_members!r}")
+    members = []
+    for m in range(num_members):
+        member = copy.deepcopy(model)
+        member.load_state_dict(fresh_weights(member, seed + m), strict=False)
+        members.append(member)
+    return DeepEnsemble(members, mode=mode)
+
+
+class Ensemble:
+    """Stage transform: the model becomes a deep ensemble (:func:`make_ensemble`).
+
+    Put it in the first stage of a recipe to train M independent members in one fit (the
+    routine repeats the targets and evaluates the members' mean softmax).
+
+    Args:
+        num_members: M.
+        seed: member m draws its weights with ``seed + m``.
+        mode: execution mode of :class:`DeepEnsemble`.
+    """
+
+    def __init__(self, num_members: int = 4, seed: int = 0, mode: Mode = "sequential") -> None:
+        self.num_members, self.seed, self.mode = num_members, seed, mode
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The ensemble built from ``model``'s architecture."""
+        return make_ensemble(model, num_members=self.num_members, seed=self.seed, mode=self.mode)
