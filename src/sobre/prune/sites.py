@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import Tensor, fx, nn
 
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
+from sobre.core.fx import third_party_leaves
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,6 @@ def activation_kind(module: nn.Module) -> str | None:
     return _CLASS_NAME_KINDS.get(type(module).__name__.lower())
 
 
-def _third_party_leaves() -> tuple[set[type], tuple[Callable[..., Any], ...]]:
-    """timm's no-trace modules and functions when timm is loaded (a timm model exists)."""
-    layers = sys.modules.get("timm.layers")
-    if layers is None or not hasattr(layers, "get_notrace_modules"):
-        return set(), ()
-    fns = tuple(f for f in layers.get_notrace_functions() if callable(f))
-    return set(layers.get_notrace_modules()), fns
-
-
 class _SiteTracer(fx.Tracer):
     """Keeps activation modules, torch.nn modules and timm's no-trace modules as leaves.
 
@@ -170,7 +161,7 @@ class _SiteTracer(fx.Tracer):
     """
 
     def __init__(self, *, shallow: bool = False) -> None:
-        leaves, functions = _third_party_leaves()
+        leaves, functions = third_party_leaves()
         super().__init__(autowrap_functions=functions)
         self.shallow = shallow
         self.leaf_types = leaves
