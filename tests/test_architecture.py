@@ -20,7 +20,8 @@ assert not bad, bad
     [
         (
             "sobre.core, sobre.core.taps, sobre.core.masks, sobre.core.dist, sobre.core.measure, "
-            "sobre.core.serialization",
+            "sobre.core.serialization, sobre.core.edits, sobre.core.labels, sobre.core.members, "
+            "sobre.core.weights, sobre.core.fx",
             (
                 "lightning",
                 "pytorch_lightning",
@@ -34,7 +35,18 @@ assert not bad, bad
         ("sobre.models", ("lightning", "sobre.engine", "sobre.data")),
         ("sobre.data", ("sobre.engine", "sobre.models")),
         ("sobre", ("torch", "lightning")),
-        ("sobre.prune", ("lightning", "sobre.engine", "sobre.data", "torch_pruning", "matplotlib")),
+        (
+            "sobre.prune",
+            (
+                "lightning",
+                "sobre.engine",
+                "sobre.data",
+                "sobre.uncertainty",
+                "torch_pruning",
+                "matplotlib",
+            ),
+        ),
+        ("sobre.uncertainty", ("lightning", "sobre.engine", "sobre.data", "sobre.prune")),
     ],
 )
 def test_import_boundaries(module, forbidden):
