@@ -1,0 +1,11 @@
+"""Efficient training: update fewer neurons for real (NEq, SCoTTi, NeVe, budgeted and dynamic
+sparse updates).
+
+- ``masks``: ``NeuronMask`` (per-layer boolean masks over output or input channels) and
+  ``MaskedOptimizer`` (frozen rows stay bit-identical through any torch optimizer).
+- ``select``: the ``ChannelSelector`` protocol and budgets in parameters or bytes.
+- ``sparse``: channel-sparse layers whose backward computes and saves only what the trainable
+  channels need; frozen-BN folding; a ReLU saving a bit-mask.
+
+See docs/efficient.md.
+"""
