@@ -185,7 +185,7 @@ class _GradMaskHook:
 
     def install(self, module: nn.Module) -> None:
         """Register the tensor hooks unless they are already on these exact parameters."""
-        params = [_raw_param(module, p) for p in self.params]
+        params = [raw_param(module, p) for p in self.params]
         if len(params) == len(self._hooked) and all(
             p is q for p, (q, _) in zip(params, self._hooked, strict=True)
         ):
@@ -227,12 +227,13 @@ def _param_names(module: nn.Module) -> list[str]:
     return names
 
 
-def _raw_param(module: nn.Module, name: str) -> Tensor:
-    """The stored parameter behind ``module.<name>`` (the original when parametrized)."""
+def raw_param(module: nn.Module, name: str, required: bool = True) -> Tensor | None:
+    """The stored parameter behind ``module.<name>`` (the original when parametrized, e.g.
+    masked): what an optimizer holds. ``None`` when absent and not ``required``."""
     if parametrize.is_parametrized(module, name):
         return module.parametrizations[name].original  # type: ignore[index,union-attr,return-value]
     param = module._parameters.get(name)
-    if param is None:
+    if param is None and required:
         raise ConfigError(
             f"{_type(module).__name__} has no parameter {name!r}; "
             f"pick one of {_param_names(module)}"
@@ -296,7 +297,7 @@ def _bias_follows(module: nn.Module, name: str, kind: str, n_channels: int) -> b
         return False
     if not parametrize.is_parametrized(module, "bias") and module._parameters.get("bias") is None:
         return False
-    return tuple(_raw_param(module, "bias").shape) == (n_channels,)
+    return tuple(raw_param(module, "bias").shape) == (n_channels,)
 
 
 def attach_mask(
@@ -330,7 +331,7 @@ def attach_mask(
     _check_choice(kind, "kind", ("weight", "channel"))
     _check_choice(target, "target", ("weight", "grad"))
     where = f"{_type(module).__name__}.{name}"
-    param = _raw_param(module, name)
+    param = raw_param(module, name)
     values = _prepare(mask, param, kind, where)
     if target == "grad":
         return _attach_grad_mask(module, name, values, kind, where)
@@ -421,11 +422,11 @@ def sparsity(model: nn.Module) -> float:
         if info.target != "weight":
             continue
         module = model.get_submodule(info.module)
-        masked = [_raw_param(module, info.param)]
+        masked = [raw_param(module, info.param)]
         if info.kind == "channel" and _bias_follows(
             module, info.param, "channel", info.mask.numel()
         ):
-            masked.append(_raw_param(module, "bias"))
+            masked.append(raw_param(module, "bias"))
         off = int((info.mask == 0).sum())
         for p in masked:
             total += p.numel()
