@@ -261,11 +261,11 @@ def _classes_and_functions():
     ]
 
 
-def _assert_same(got, expected) -> None:
+def assert_same(got, expected) -> None:
     if isinstance(expected, dict):
         assert got.keys() == expected.keys()
         for key in expected:
-            _assert_same(got[key], expected[key])
+            assert_same(got[key], expected[key])
         return
     torch.testing.assert_close(got, expected, check_dtype=False, equal_nan=True)
 
@@ -280,7 +280,7 @@ def test_classes_accumulate_like_the_function_on_the_concatenation(shape, cuts) 
         args = (labels,) if labelled else ()
         for lo, hi in itertools.pairwise(bounds):
             metric.update(probs[lo:hi], *(a[lo:hi] for a in args))
-        _assert_same(metric.compute(), fn(probs, *args, **kwargs))
+        assert_same(metric.compute(), fn(probs, *args, **kwargs))
 
 
 def test_merged_states_equal_the_whole() -> None:
@@ -293,14 +293,14 @@ def test_merged_states_equal_the_whole() -> None:
         left.update(probs[:50], *(a[:50] for a in args))
         right.update(probs[50:], *(a[50:] for a in args))
         left.merge_state(right)
-        _assert_same(left.compute(), fn(probs, *args, **kwargs))
+        assert_same(left.compute(), fn(probs, *args, **kwargs))
     scores = um.ood_scores(logits, "energy")
     left, right = um.OODMetrics(positive="ood"), um.OODMetrics(positive="ood")
     left.update(scores[:40], False)
     right.update(scores[40:60], False)
     right.update(scores[60:], torch.ones(30, dtype=torch.bool))
     left.merge_state(right)
-    _assert_same(left.compute(), um.ood_metrics(scores[:60], scores[60:], positive="ood"))
+    assert_same(left.compute(), um.ood_metrics(scores[:60], scores[60:], positive="ood"))
 
 
 def test_ood_metrics_class_with_mixed_flags_and_key_names() -> None:
@@ -308,7 +308,7 @@ def test_ood_metrics_class_with_mixed_flags_and_key_names() -> None:
     flags = torch.tensor([False, True, False, True, True])
     metric = um.OODMetrics()
     metric.update(scores, flags)
-    _assert_same(metric.compute(), um.ood_metrics(scores[~flags], scores[flags]))
+    assert_same(metric.compute(), um.ood_metrics(scores[~flags], scores[flags]))
     assert [um.ECE().key, um.ECE(10, adaptive=True).key, um.ECE(norm="max").key] == [
         "ece15",
         "aece10",
