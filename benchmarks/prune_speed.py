@@ -514,16 +514,7 @@ def lacoot_residual_mlp(h: Any, data: Splits, seed: int, ks: tuple[int, ...] = (
     20 epochs with LaCoOT (lambda 1); blocks ranked by MSWD on the validation split, the ``k``
     closest removed (``d_blocks{k}``), then ``CHANNEL_FT`` epochs of the same SGD."""
     tr, va, _ = data
-    torch.manual_seed(seed)
-    net = create(
-        "residual_mlp",
-        num_classes=10,
-        in_channels=1,
-        width=128,
-        blocks=8,
-        batch_norm=True,
-        post_activation=True,
-    )
+    net = h.lacoot_net(seed)
     example = tr.tensors[0][:8]
     pairs = auto_pairs(net, example)
     h.train(net, h.loader(tr, seed=seed), 20, _SGD, [LaCoOT(pairs, lam=1.0)])

@@ -23,6 +23,20 @@ def mnist5k() -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     return mnist5k_datasets()
 
 
+def lacoot_net(seed: int) -> nn.Module:
+    """LaCoOT's trend model (spec §4.5): residual MLP, 8 blocks relu(x + f(x)), width 128, BN."""
+    torch.manual_seed(seed)
+    return create(
+        "residual_mlp",
+        num_classes=10,
+        in_channels=1,
+        width=128,
+        blocks=8,
+        batch_norm=True,
+        post_activation=True,
+    )
+
+
 def loader(
     data: TensorDataset, batch_size: int = 128, shuffle: bool = True, seed: int = 0
 ) -> DataLoader:

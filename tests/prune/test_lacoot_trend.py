@@ -19,26 +19,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prune_harness import accuracy, loader, mnist5k, train
+from prune_harness import accuracy, lacoot_net, loader, mnist5k, train
 
-from sobre.models import create
 from sobre.prune.lacoot import LaCoOT, auto_pairs, rank_blocks, remove_blocks
 
 SEEDS = (0, 1, 2)
 
 
 def _run(lam: float, seed: int) -> dict:
-    torch.manual_seed(seed)
     tr, va, te = mnist5k()
-    net = create(
-        "residual_mlp",
-        num_classes=10,
-        in_channels=1,
-        width=128,
-        blocks=8,
-        batch_norm=True,
-        post_activation=True,
-    )
+    net = lacoot_net(seed)
     example = tr.tensors[0][:8]
     pairs = auto_pairs(net, example)
     regs = [LaCoOT(pairs, lam=lam)] if lam > 0 else []
