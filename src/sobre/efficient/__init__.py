@@ -9,3 +9,26 @@ sparse updates).
 
 See docs/efficient.md.
 """
+
+from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
+from sobre.efficient.select import (
+    Budget,
+    ChannelSelector,
+    ImportanceSampling,
+    RandomSelector,
+    StaticSelector,
+    TopK,
+)
+
+__all__ = [
+    "LAYERS",
+    "NORMS",
+    "Budget",
+    "ChannelSelector",
+    "ImportanceSampling",
+    "MaskedOptimizer",
+    "NeuronMask",
+    "RandomSelector",
+    "StaticSelector",
+    "TopK",
+]
