@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from sobre.core.edits import edit_log, replay
 from sobre.core.errors import ConfigError
+from sobre.models import create
 from sobre.uncertainty.packed import (
     PackedConv1d,
     PackedConv2d,
@@ -21,9 +24,11 @@ from sobre.uncertainty.packed import (
     PackedLayerNorm,
     PackedLinear,
     PackedSelfAttention,
+    optimize_for_inference,
     packed_cat,
     split_members,
 )
+from sobre.uncertainty.packify import PackedEnsemble, packify, unpack_member
 
 TOL = 1e-5
 CONVS = {1: (PackedConv1d, nn.Conv1d), 2: (PackedConv2d, nn.Conv2d), 3: (PackedConv3d, nn.Conv3d)}
@@ -391,3 +396,141 @@ def test_layer_norm_matches_torch_uncertainty_with_member_groups(tu):
     member_groups = tu.PackedLayerNorm(6, num_estimators=3, alpha=2, first=True)
     assert (ours(x) - member_groups(x)).abs().max() < TOL
     assert tu.PackedLayerNorm(6, num_estimators=3, alpha=2).num_groups == 1
+
+
+# optimize_for_inference: BN folded into the (grouped) convs, channels_last; same logits as the
+# reference grouped convs.
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN affine parameters and running statistics (so folding is not the identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.running_mean is not None:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(generator=gen)
+                m.running_mean.normal_(generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model.eval()
+
+
+def _norm_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+@pytest.mark.parametrize("gamma", [1, 2])
+def test_optimize_for_inference_equals_the_reference_grouped_convs(gamma):
+    torch.manual_seed(0)
+    base = create("resnet20", num_classes=10, in_channels=3)
+    packed = _randomise_norms(packify(base, num_members=4, alpha=2, gamma=gamma))
+    fast = optimize_for_inference(packed)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = packed(x)
+        assert (fast(x) - ref).abs().max() < TOL
+        assert (fast(x.contiguous(memory_format=torch.channels_last)) - ref).abs().max() < TOL
+    assert not _norm_names(fast)
+    assert _norm_names(packed)  # the model passed in is left as it was
+    groups = {n: m.groups for n, m in packed.named_modules() if isinstance(m, PackedConv2d)}
+    folded = {n: m for n, m in fast.named_modules() if isinstance(m, PackedConv2d)}
+    assert {n: m.groups for n, m in folded.items()} == groups
+    assert max(groups.values()) == 4 * gamma
+    for conv in folded.values():
+        assert conv.bias is not None
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(fast, PackedEnsemble)
+    assert fast.num_members == 4
+    assert not fast.training
+    state = fast.state_dict()
+    assert set(fast.packing.axes) <= set(state)  # the folded BNs left packify's description
+    assert {f"{n}.bias" for n in folded} <= set(fast.packing.axes)
+    assert not any(r == "norm" for r in fast.packing.roles.values())
+    assert any(r == "norm" for r in packed.packing.roles.values())
+    member = unpack_member(fast, 1)  # the oracle still works on the folded model
+    with torch.no_grad():
+        assert (member(x) - split_members(ref, 4)[:, 1]).abs().max() < TOL
+
+
+class _FoldOnlyWhereExact(nn.Module):
+    """One foldable conv -> BN pair among pairs that must not be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pack = {"alpha": 2, "num_members": 2}
+        self.stem = PackedConv2d(3, 8, 3, padding=1, first=True, **pack)
+        self.bn = nn.BatchNorm2d(16)  # the stem's output is also read by the residual
+        self.shared = PackedConv2d(8, 8, 1, **pack)  # called twice
+        self.bn_a, self.bn_b = nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+        self.conv = PackedConv2d(8, 8, 3, padding=1, gamma=2, **pack)
+        self.folded = nn.BatchNorm2d(16)  # the only foldable one
+        self.conv2 = PackedConv2d(8, 8, 1, **pack)
+        self.batch_stats = nn.BatchNorm2d(16, track_running_stats=False)  # no running stats
+        self.head = PackedConv2d(8, 4, 1, last=True, **pack)
+        self.after = nn.BatchNorm2d(4)  # reads member rows (M·B, K, ...)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = F.relu(self.bn(h) + h)
+        h = self.bn_b(self.shared(self.bn_a(self.shared(h))))
+        h = self.batch_stats(self.conv2(F.relu(self.folded(self.conv(h)))))
+        return self.after(self.head(h))
+
+
+def test_optimize_for_inference_folds_only_exact_pairs_of_a_traced_model():
+    torch.manual_seed(0)
+    model = _randomise_norms(_FoldOnlyWhereExact())
+    fast = optimize_for_inference(model, channels_last=False)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() < TOL
+    assert _norm_names(fast) == _norm_names(model) - {"folded"}
+    assert fast.conv.groups == 4
+    assert fast.conv.weight.is_contiguous()  # channels_last=False keeps NCHW
+
+
+def test_optimize_for_inference_of_3d_convs_uses_channels_last_3d():
+    torch.manual_seed(0)
+    pack = {"alpha": 2, "num_members": 2}
+    model = nn.Sequential(
+        PackedConv3d(2, 4, 3, padding=1, first=True, **pack),
+        nn.BatchNorm3d(8),
+        nn.ReLU(),
+        PackedConv3d(4, 4, 3, padding=1, **pack),
+        nn.BatchNorm3d(8),
+    )
+    model = _randomise_norms(model)
+    fast = optimize_for_inference(model)
+    x = torch.randn(2, 2, 4, 4, 4)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() < TOL
+    assert not _norm_names(fast)
+    assert fast.get_submodule("3").weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+class _DataDependentBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+def test_optimize_for_inference_rejects_untraceable_models():
+    with pytest.raises(ConfigError, match="cannot trace _DataDependentBranch"):
+        optimize_for_inference(_DataDependentBranch())
+
+
+def test_optimize_for_inference_is_a_replayable_structure_edit():
+    torch.manual_seed(0)
+    packed = _randomise_norms(
+        packify(create("resnet20", num_classes=10, in_channels=3), num_members=2, alpha=2)
+    )
+    fast = optimize_for_inference(packed, channels_last=False)
+    log = edit_log(fast)
+    assert [entry["op"] for entry in log] == ["packify", "packed_optimize_for_inference"]
+    assert log[-1]["params"] == {"channels_last": False}
+    rebuilt = replay(create("resnet20", num_classes=10, in_channels=3), log)
+    rebuilt.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), fast(x))

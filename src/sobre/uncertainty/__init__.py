@@ -47,6 +47,7 @@ from sobre.uncertainty.packed import (
     PackedLayerNorm,
     PackedLinear,
     PackedSelfAttention,
+    optimize_for_inference,
     packed_cat,
 )
 from sobre.uncertainty.packify import PackedEnsemble, Packify, Packing, packify, unpack_member
@@ -94,6 +95,7 @@ __all__ = [
     "make_ensemble",
     "mutual_information",
     "nll",
+    "optimize_for_inference",
     "ood_metrics",
     "ood_scores",
     "packed_cat",
