@@ -13,6 +13,7 @@ a pass-through torch-function mode that switches them off; :func:`latency_ms` ke
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 from torch.overrides import BaseTorchFunctionMode
 from torch.utils import flop_counter
@@ -30,14 +32,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from sobre.core.errors import ConfigError
+from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.registry import suggest
 
 __all__ = [
     "DEFAULT_NONLINEAR",
     "SOFTMAX_OPS",
+    "BackwardFlops",
     "Measurement",
     "SavedBytes",
+    "backward_flops",
     "count_params",
     "depth",
     "flops",
@@ -268,6 +272,127 @@ def flops(model: nn.Module, inputs: Tensor | tuple[Any, ...], *, train_step: boo
         ):
             model(*args)
     return counter.get_total_flops()
+
+
+class BackwardFlops(NamedTuple):
+    """Analytic FLOPs of the convolutions and linear layers in one training step.
+
+    Attributes:
+        forward: FLOPs of the forward.
+        grad_input: FLOPs of the input gradients (1x a layer's forward, when its input needs one).
+        grad_weight: FLOPs of the weight gradients (1x a layer's forward times the fraction of
+            its weight that is updated).
+    """
+
+    forward: int
+    grad_input: int
+    grad_weight: int
+
+    @property
+    def backward(self) -> int:
+        """``grad_input + grad_weight``."""
+        return self.grad_input + self.grad_weight
+
+    @property
+    def step(self) -> int:
+        """``forward + backward``."""
+        return self.forward + self.backward
+
+
+def _layer_flops(module: nn.Module, x: Tensor, out: Tensor) -> int:
+    """Forward FLOPs of one Conv/Linear call, as :class:`FlopCounterMode` counts them."""
+    if isinstance(module, nn.Linear):
+        return 2 * x.numel() * module.out_features
+    conv: Any = module
+    kernel = math.prod(conv.kernel_size)
+    if conv.transposed:
+        return 2 * x.numel() * conv.out_channels // conv.groups * kernel
+    return 2 * out.numel() * conv.in_channels // conv.groups * kernel
+
+
+def _update_fraction(name: str, module: nn.Module, value: float | Tensor) -> float:
+    """The updated fraction of ``module``'s weight from a float or a mask over output channels."""
+    if isinstance(value, Tensor):
+        rows = module.weight.shape[0]
+        if value.dtype != torch.bool or value.shape != (rows,):
+            raise ConfigError(
+                f"backward_flops: the mask of {name!r} must be a bool tensor of shape ({rows},) "
+                f"over its output channels, got {value.dtype} {tuple(value.shape)}; or pass the "
+                "updated fraction of its weight as a float"
+            )
+        return float(value.float().mean())
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(
+            f"backward_flops: the updated fraction of {name!r} must lie in [0, 1], got {value}"
+        )
+    return float(value)
+
+
+def backward_flops(
+    model: nn.Module,
+    inputs: Tensor | tuple[Any, ...],
+    trainable: Mapping[str, float | Tensor] | None = None,
+) -> BackwardFlops:
+    """Analytic FLOPs of one training step of every Conv (1d/2d/3d, transposed) and Linear.
+
+    Per call of such a layer: the forward as :class:`~torch.utils.flop_counter.FlopCounterMode`
+    counts it; the input gradient costs the forward again when the layer's input requires grad
+    (not for the first layer, nor above a frozen prefix); the weight gradient costs the forward
+    times the updated fraction of the weight. This is the *counted* saving of a frozen neuron;
+    it becomes time only if the backward really skips the work (spec §0). With nothing frozen
+    it equals :func:`flops` with ``train_step=True`` for models whose matmuls are all in such
+    layers and whose convs are not grouped (FlopCounterMode's weight-gradient formula ignores
+    ``groups`` and counts a grouped conv's ``groups`` times too high; this count does not);
+    other matmuls (attention) are not counted.
+
+    Args:
+        model: the model; one training-mode forward is run (state restored, no backward).
+        inputs: a tensor or a tuple of ``forward``'s positional arguments.
+        trainable: layer name -> the updated part of its weight: a bool mask over output
+            channels (True = updated), or the updated fraction in [0, 1]. Layers not named
+            count as fully updated when ``weight.requires_grad``, else not at all.
+
+    Returns:
+        The :class:`BackwardFlops`.
+
+    Raises:
+        UnknownNameError: a name in ``trainable`` is not a Conv/Linear of the model.
+        ConfigError: a mask of the wrong shape or dtype, or a fraction outside [0, 1].
+    """
+    args = _as_args(inputs)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | _ConvNd)}
+    trainable = dict(trainable or {})
+    for name in trainable:
+        if name not in layers:
+            raise UnknownNameError(
+                f"backward_flops: {name!r} is not a Conv or Linear layer of "
+                f"{type(model).__name__}{suggest(name, list(layers))}"
+            )
+    fractions = {
+        name: _update_fraction(name, m, trainable[name])
+        if name in trainable
+        else float(m.weight.requires_grad)
+        for name, m in layers.items()
+    }
+    totals = [0, 0, 0]
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, x: tuple[Any, ...], out: Tensor) -> None:
+            forward = _layer_flops(module, x[0], out)
+            totals[0] += forward
+            totals[1] += forward if x[0].requires_grad else 0
+            totals[2] += round(forward * fractions[name])
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with _preserved(model, args, train=True), torch.enable_grad():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return BackwardFlops(*totals)
 
 
 def latency_ms(
