@@ -19,16 +19,38 @@ from sobre.efficient.select import (
     StaticSelector,
     TopK,
 )
+from sobre.efficient.sparse import (
+    BitMaskReLU,
+    BitMaskReLU6,
+    ChannelSparseConv2d,
+    ChannelSparseLinear,
+    densify,
+    fold_frozen_bn,
+    mask_relus,
+    set_trainable,
+    sparsify,
+    trainable_fractions,
+)
 
 __all__ = [
     "LAYERS",
     "NORMS",
+    "BitMaskReLU",
+    "BitMaskReLU6",
     "Budget",
     "ChannelSelector",
+    "ChannelSparseConv2d",
+    "ChannelSparseLinear",
     "ImportanceSampling",
     "MaskedOptimizer",
     "NeuronMask",
     "RandomSelector",
     "StaticSelector",
     "TopK",
+    "densify",
+    "fold_frozen_bn",
+    "mask_relus",
+    "set_trainable",
+    "sparsify",
+    "trainable_fractions",
 ]
