@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 import torch_uncertainty
+from ensemble_speed import fixed, interleaved  # sibling script, on sys.path
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch_uncertainty.models.classification import packed_resnet
@@ -143,28 +144,6 @@ class Halves(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         outs = [self.model(half).unflatten(0, (self.members, -1)) for half in x.chunk(2)]
         return torch.cat(outs, 1).flatten(0, 1)
-
-
-def fixed(ensemble: DeepEnsemble, mode: str) -> DeepEnsemble:
-    """A copy of ``ensemble`` that always runs ``mode``."""
-    copied = copy.deepcopy(ensemble)
-    copied.mode = copied.resolved_mode = mode  # type: ignore[assignment]
-    return copied
-
-
-def interleaved(
-    steps: dict[str, Callable[[], object]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Milliseconds of every timed step, steps interleaved with a rotating first one."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(warmup + rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            if r >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def max_diff(a: nn.Module, b: nn.Module, x: Tensor) -> float:
