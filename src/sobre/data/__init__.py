@@ -23,13 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sobre.core.errors import ConfigError
-from sobre.core.registry import suggest
 from sobre.data.augment import CropFlipDataset
 from sobre.data.base import (
     DATASETS,
     SobreDataModule,
     Splits,
+    check_keywords,
     datamodule_parameters,
     default_data_root,
     stratified_split,
@@ -114,17 +113,7 @@ def create(name: str, **kwargs: Any) -> SobreDataModule:
             required one (such as ``root`` for ``imagefolder``) is missing.
     """
     cls = DATASETS.get(name)
-    params = datamodule_parameters(cls)
-    for key in kwargs:
-        if key not in params:
-            raise ConfigError(
-                f"unknown parameter {key!r} for dataset {name!r}{suggest(key, list(params))} "
-                f"Valid parameters: {', '.join(params)}."
-            )
-    missing = [p for p, spec in params.items() if spec.default is spec.empty and p not in kwargs]
-    if missing:
-        raise ConfigError(
-            f"dataset {name!r} needs {', '.join(missing)}; pass e.g. "
-            f"create({name!r}, {missing[0]}=...)"
-        )
+    check_keywords(
+        f"dataset {name!r}", datamodule_parameters(cls), kwargs, f"create({name!r}, {{key}}=...)"
+    )
     return cls(**kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sobre.core.errors import ConfigError
 from sobre.core.labels import inject_label_noise
-from sobre.core.registry import Registry
+from sobre.core.registry import Registry, suggest
 from sobre.data.sampler import EpochSampler
 
 __all__ = [
@@ -248,6 +248,31 @@ class SobreDataModule(pl.LightningDataModule):
 
 DATASETS: Registry[type[SobreDataModule]] = Registry("dataset")
 """Dataset name -> :class:`SobreDataModule` subclass."""
+
+
+def check_keywords(
+    what: str, params: Mapping[str, inspect.Parameter], given: Iterable[str], example: str
+) -> None:
+    """Refuse keywords ``params`` lacks (with the closest valid one) and required ones not given.
+
+    Args:
+        what: the thing built, e.g. ``"dataset 'cifar10'"``.
+        params: its keyword parameters.
+        given: the keywords passed.
+        example: how to pass a missing one, with ``{key}`` for its name.
+    """
+    given = list(given)
+    for key in given:
+        if key not in params:
+            raise ConfigError(
+                f"unknown parameter {key!r} for {what}{suggest(key, list(params))} "
+                f"Valid parameters: {', '.join(params)}."
+            )
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in given]
+    if missing:
+        raise ConfigError(
+            f"{what} needs {', '.join(missing)}; pass e.g. {example.format(key=missing[0])}"
+        )
 
 
 def datamodule_parameters(cls: type[SobreDataModule]) -> dict[str, inspect.Parameter]:

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from sobre.core.errors import ConfigError, DataNotFoundError
 from sobre.core.registry import Registry, suggest
-from sobre.data.base import SobreDataModule, check_int, default_data_root
+from sobre.data.base import SobreDataModule, check_int, check_keywords, default_data_root
 from sobre.data.cifar import CIFAR10, CIFAR100, CifarSpec, _ByteImages
 from sobre.data.packaged import MNIST_MEAN, MNIST_STD, mnist5k_datasets
 
@@ -354,17 +354,7 @@ def ood_dataset(
     """
     builder = OOD_SETS.get(name)
     params = inspect.signature(builder).parameters
-    for key in kwargs:
-        if key not in params:
-            raise ConfigError(
-                f"unknown parameter {key!r} for OOD set {name!r}{suggest(key, list(params))} "
-                f"Valid parameters: {', '.join(params)}."
-            )
-    missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
-    if missing:
-        raise ConfigError(
-            f"OOD set {name!r} needs {', '.join(missing)}; pass e.g. {missing[0]}=..."
-        )
+    check_keywords(f"OOD set {name!r}", params, kwargs, "{key}=...")
     if like is not None and "stats" in params and "stats" not in kwargs and like.name in _NORMS:
         kwargs["stats"] = like.name
     dataset = builder(**kwargs)
