@@ -205,6 +205,16 @@ class _ChannelSparse:
     trainable_in: Tensor
     _plan_cache: tuple[Tensor, int, Tensor, int, _Plan] | None
 
+    def __init__(
+        self,
+        *args: Any,
+        trainable_out: Selection = None,
+        trainable_in: Selection = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # the torch layer next in the MRO
+        self.set_trainable(trainable_out, trainable_in)
+
     def set_trainable(self, out: Selection = None, inp: Selection = None) -> None:
         """Select the output channels (weight rows) and input channels (weight columns, i.e.
         ``in_channels // groups`` of them) whose weight gradient is computed; None = all.
@@ -368,16 +378,6 @@ class ChannelSparseConv2d(_ChannelSparse, nn.Conv2d):
         **kwargs: ``nn.Conv2d``'s keyword arguments.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        trainable_out: Selection = None,
-        trainable_in: Selection = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_trainable(trainable_out, trainable_in)
-
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan()
         if plan.dense or not torch.is_grad_enabled():
@@ -402,16 +402,6 @@ class ChannelSparseLinear(_ChannelSparse, nn.Linear):
         trainable_in: trainable input features (None = all).
         **kwargs: ``nn.Linear``'s keyword arguments.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        trainable_out: Selection = None,
-        trainable_in: Selection = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_trainable(trainable_out, trainable_in)
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan()
