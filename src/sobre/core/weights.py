@@ -1,7 +1,8 @@
-"""Fresh weights for a model: what every module's own initialisation draws under a seed.
+"""Weights derived from a model: fresh ones under a seed, and an eval-mode BatchNorm's affine map.
 
-Used to re-initialise a pruned network (IMP's ``"reinit"`` mode) and to build the independent
-members of a deep ensemble from one architecture.
+``fresh_weights`` re-initialises a pruned network (IMP's ``"reinit"`` mode) and builds the
+independent members of a deep ensemble; ``bn_scale_shift`` is the arithmetic every BatchNorm
+fold uses (pruning's ``fold_linear``, efficient training's ``fold_frozen_bn``).
 """
 
 from __future__ import annotations
@@ -51,3 +52,16 @@ def fresh_weights(model: nn.Module, seed: int) -> dict[str, Tensor]:
             kept[:5],
         )
     return values
+
+
+def bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval-mode BatchNorm as ``y = scale · x + shift`` per channel, in float64:
+    ``scale = γ / sqrt(running_var + ε)``, ``shift = β − running_mean · scale`` (γ = 1, β = 0
+    without affine parameters). Folding it into the layer before it is then
+    ``W' = scale · W``, ``b' = scale · b + shift``.
+    """
+    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale

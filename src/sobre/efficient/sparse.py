@@ -52,6 +52,7 @@ from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.fx import third_party_leaves
 from sobre.core.measure import saved_activation_bytes
 from sobre.core.registry import suggest
+from sobre.core.weights import bn_scale_shift
 
 __all__ = [
     "BitMaskReLU",
@@ -625,13 +626,10 @@ def _fold_edit(model: nn.Module, pairs: list[list[str]]) -> nn.Module:
                 f"has {conv.out_channels} output channels"
             )
         with torch.no_grad():
-            var, mean = bn.running_var.double(), bn.running_mean.double()
-            gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-            beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-            scale = gamma / torch.sqrt(var + bn.eps)
-            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+            scale, shift = bn_scale_shift(bn)
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
             conv.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-            new_bias = ((bias - mean) * scale + beta).to(conv.weight.dtype)
+            new_bias = (bias * scale + shift).to(conv.weight.dtype)
         trainable = bn.weight is not None and bn.weight.requires_grad
         conv.bias = nn.Parameter(new_bias, requires_grad=trainable)
         parent, _, child = bn_name.rpartition(".")

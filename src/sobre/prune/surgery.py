@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.registry import suggest
+from sobre.core.weights import bn_scale_shift
 
 log = logging.getLogger(__name__)
 
@@ -566,11 +567,9 @@ def _fold_bn(first: nn.Module, bn: _BatchNorm, g: Tensor, name: str) -> nn.Modul
             f"fold_linear: {name!r} keeps no running statistics (track_running_stats=False); "
             "only eval-mode batch norm folds into a layer"
         )
-    w = bn.weight.detach().double() if bn.affine else torch.ones_like(g)
-    b = bn.bias.detach().double() if bn.affine else torch.zeros_like(g)
-    scale = w / torch.sqrt(bn.running_var.double() + bn.eps)
+    scale, shift = bn_scale_shift(bn)
     scale_w = (scale * g).reshape(-1, *[1] * (first.weight.dim() - 1))
-    bias = scale * (g * _bias(first, out) - bn.running_mean.double()) + b
+    bias = scale * g * _bias(first, out) + shift
     return _set_params(copy.deepcopy(first), first.weight.detach().double() * scale_w, bias)
 
 
