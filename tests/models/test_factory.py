@@ -20,6 +20,7 @@ OURS = [
     "resnet20",
     "resnet32",
     "resnet56",
+    "resnet8",
     "small_cnn",
     "vit_tiny28",
 ]

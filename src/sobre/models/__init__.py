@@ -2,7 +2,7 @@
 
 - :func:`create` builds any of them (``tv:``/``timm:`` prefixes force the source) and adapts the
   input channels; weights come only from a local file (``weights_path=``), never a download.
-- :func:`names` lists sobre's own nets: ``lenet5``, ``small_cnn``, ``resnet20``/``32``/``56``,
+- :func:`names` lists sobre's own nets: ``lenet5``, ``small_cnn``, ``resnet8``/``20``/``32``/``56``,
   ``mlp``, ``vit_tiny28``; ``MODELS`` is their registry.
 - :func:`load_weights` loads a ``.safetensors``/``.pt``/``.pth`` state dict strictly;
   :func:`replace_first_conv` swaps a model's first conv for one with other input channels.
@@ -13,7 +13,7 @@ from sobre.models.factory import create, names, replace_first_conv
 from sobre.models.lenet import LeNet5
 from sobre.models.mlp import MLP
 from sobre.models.registry import MODELS
-from sobre.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
+from sobre.models.resnet_cifar import CifarResNet, resnet8, resnet20, resnet32, resnet56
 from sobre.models.vit import ViTTiny28
 from sobre.models.weights import load_weights
 
@@ -28,6 +28,7 @@ __all__ = [
     "load_weights",
     "names",
     "replace_first_conv",
+    "resnet8",
     "resnet20",
     "resnet32",
     "resnet56",

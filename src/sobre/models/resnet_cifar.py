@@ -101,6 +101,12 @@ def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.
     return nn.Sequential(*layers)
 
 
+@MODELS.register("resnet8")
+def resnet8(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
+    """ResNet-8 for CIFAR (1 block per stage): the CPU model of the efficient-training specs."""
+    return CifarResNet(8, num_classes, in_channels, width)
+
+
 @MODELS.register("resnet20")
 def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
     """ResNet-20 for CIFAR (3 blocks per stage); see :class:`CifarResNet`."""
