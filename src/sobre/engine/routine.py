@@ -51,7 +51,11 @@ class ClassificationRoutine(pl.LightningModule):
         lr: learning rate.
         weight_decay: decoupled (AdamW) or L2 (Adam, SGD) weight decay.
         momentum: SGD momentum (Nesterov).
-        scheduler: ``"cosine"`` (annealed to 0 over ``max_epochs``), ``"step"`` or ``"none"``.
+        scheduler: ``"cosine"`` (annealed to 0 over ``max_epochs``), ``"step"`` (x0.1 every
+            third of ``max_epochs``), ``"multistep"`` (x``gamma`` at each epoch of
+            ``milestones``) or ``"none"``.
+        milestones: epochs at which ``"multistep"`` multiplies the LR by ``gamma``.
+        gamma: the ``"multistep"`` factor.
         label_smoothing: cross-entropy label smoothing.
     """
 
@@ -67,10 +71,19 @@ class ClassificationRoutine(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
-        scheduler: Literal["cosine", "step", "none"] = "cosine",
+        scheduler: Literal["cosine", "step", "multistep", "none"] = "cosine",
         label_smoothing: float = 0.0,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
     ) -> None:
         super().__init__()
+        if scheduler == "multistep" and not milestones:
+            raise ConfigError(
+                "scheduler 'multistep' needs milestones, the epochs at which the LR drops: e.g. "
+                "milestones: [10]"
+            )
+        if not 0 < gamma <= 1:
+            raise ConfigError(f"gamma must lie in (0, 1], got {gamma}: use e.g. 0.1")
         if net is None:
             from sobre.models import create
 
@@ -84,6 +97,7 @@ class ClassificationRoutine(pl.LightningModule):
             self.add_regularizer(reg)
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.momentum, self.scheduler_name = momentum, scheduler
+        self.milestones, self.gamma = sorted(int(m) for m in milestones), gamma
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.acc = nn.ModuleDict(
             {
@@ -200,6 +214,8 @@ class ClassificationRoutine(pl.LightningModule):
             sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         elif self.scheduler_name == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 3), gamma=0.1)
+        elif self.scheduler_name == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=self.gamma)
         else:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
