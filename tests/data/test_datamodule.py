@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.labels import dataset_labels
 from sobre.data.base import (
     SobreDataModule,
     carve_sizes,
@@ -116,7 +117,38 @@ def test_datamodule_parameters_include_the_common_ones() -> None:
         "pin_memory",
         "label_noise",
         "label_noise_seed",
+        "classes",
     ]
+
+
+def test_classes_keeps_a_relabelled_subset_in_every_split() -> None:
+    dm = SyntheticDataModule(num_classes=4, classes=[3, 1], batch_size=8)
+    dm.setup()
+    assert dm.num_classes == 2
+    assert dm.class_names == ("class_3", "class_1")
+    full = SyntheticDataModule(num_classes=4, batch_size=8)
+    full.setup()
+    for kept, whole in zip(dm._built(), full._built(), strict=True):
+        labels = dataset_labels(whole)
+        assert len(kept) == int(((labels == 3) | (labels == 1)).sum())
+        assert set(dataset_labels(kept).tolist()) <= {0, 1}
+    x0, y0 = dm.train_dataset[0]
+    first = int(
+        (
+            (dataset_labels(full.train_dataset) == 3) | (dataset_labels(full.train_dataset) == 1)
+        ).nonzero()[0]
+    )
+    assert torch.equal(x0, full.train_dataset[first][0])
+    assert int(y0) == (0 if int(full.train_dataset[first][1]) == 3 else 1)
+
+
+@pytest.mark.parametrize(
+    ("classes", "match"),
+    [([2], "at least 2 distinct"), ([1, 1], "at least 2 distinct"), ([0, 7], "name a class >= 4")],
+)
+def test_bad_classes_are_refused_with_the_fix(classes: list[int], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SyntheticDataModule(num_classes=4, classes=classes)
 
 
 class Recorder(pl.LightningModule):

@@ -1,4 +1,5 @@
-"""Label noise shared by the data modules (``label_noise=``) and DSD²'s experiments.
+"""Label edits shared by the data modules: label noise (``label_noise=``, DSD²'s experiments)
+and class subsets (``classes=``, the transfer protocol of the efficient-training papers).
 
 DSD² (paper #5, authors' code) corrupts the *first* ``eps * N`` samples of the training set with
 a random label different from the true one; a data module picks a seeded random subset instead,
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from sobre.core.errors import ConfigError
 
@@ -39,6 +40,39 @@ class NoisyLabels(Dataset):
         inner = getattr(self.dataset, "set_epoch", None)
         if inner is not None:
             inner(epoch)
+
+
+class _EpochSubset(Subset):
+    """A ``Subset`` that forwards ``set_epoch`` to a seeded augmentation underneath."""
+
+    def set_epoch(self, epoch: int) -> None:
+        inner = getattr(self.dataset, "set_epoch", None)
+        if inner is not None:
+            inner(epoch)
+
+
+def keep_classes(dataset: Dataset, classes: list[int]) -> NoisyLabels:
+    """The samples of ``classes`` only, relabelled ``0 .. len(classes) - 1`` in that order
+    (e.g. digits 5-9 as 0-4 for a transfer task); no label is noisy.
+
+    Raises:
+        ConfigError: ``classes`` empty or repeated, or a class with no sample in ``dataset``.
+    """
+    if not classes or len(set(classes)) != len(classes):
+        raise ConfigError(f"classes must be distinct class indices, got {classes!r}")
+    labels = dataset_labels(dataset)
+    new = torch.full_like(labels, -1)
+    for i, c in enumerate(classes):
+        new[labels == c] = i
+    present = set(new[new >= 0].unique().tolist())
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    if missing:
+        raise ConfigError(
+            f"classes {missing} have no sample here (labels present: "
+            f"{sorted(set(labels.tolist()))}); pick classes the dataset has"
+        )
+    keep = (new >= 0).nonzero().flatten()
+    return NoisyLabels(_EpochSubset(dataset, keep.tolist()), new[keep], keep[:0])
 
 
 def dataset_labels(dataset: Dataset) -> Tensor:

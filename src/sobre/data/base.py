@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from sobre.core.errors import ConfigError
-from sobre.core.labels import inject_label_noise
+from sobre.core.labels import inject_label_noise, keep_classes
 from sobre.core.registry import Registry, suggest
 from sobre.data.sampler import EpochSampler
 
@@ -130,12 +130,13 @@ class SobreDataModule(pl.LightningDataModule):
             label-noise experiments of sparse double descent (DSD², #5, #21, #22).
         label_noise_seed: seed of the corrupted subset and of its labels (fixed by default, so
             runs with different training seeds see the same noisy dataset).
+        classes: keep only these classes in every split, relabelled ``0 .. len(classes) - 1``
+            in the given order (``num_classes`` and ``class_names`` follow), e.g. pretrain on
+            digits ``[0, 1, 2, 3, 4]`` and fine-tune on ``[5, 6, 7, 8, 9]``.
     """
 
     name: str = ""
-    num_classes: int
     input_shape: tuple[int, ...]
-    class_names: tuple[str, ...]
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class SobreDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         label_noise: float = 0.0,
         label_noise_seed: int = 0,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = check_int("batch_size", batch_size, 1)
@@ -159,7 +161,40 @@ class SobreDataModule(pl.LightningDataModule):
             )
         self.label_noise = float(label_noise)
         self.label_noise_seed = check_int("label_noise_seed", label_noise_seed, 0)
+        self.classes = None if classes is None else [check_int("class", c, 0) for c in classes]
+        if self.classes is not None and (
+            len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)
+        ):
+            raise ConfigError(
+                f"classes must list at least 2 distinct class indices, got {classes!r}; e.g. "
+                "classes: [5, 6, 7, 8, 9]"
+            )
         self._splits: Splits | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the model sees (``len(classes)`` when a subset is kept)."""
+        return len(self.classes) if self.classes is not None else self._num_classes
+
+    @num_classes.setter
+    def num_classes(self, value: int) -> None:
+        if self.classes is not None and max(self.classes) >= value:
+            raise ConfigError(
+                f"classes {self.classes} name a class >= {value}, the number of classes of "
+                f"{type(self).__name__}; use indices 0..{value - 1}"
+            )
+        self._num_classes = value
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the classes the model sees, in label order."""
+        if self.classes is None:
+            return self._class_names
+        return tuple(self._class_names[c] for c in self.classes)
+
+    @class_names.setter
+    def class_names(self, value: Sequence[str]) -> None:
+        self._class_names = tuple(value)
 
     @property
     def in_channels(self) -> int:
@@ -174,6 +209,8 @@ class SobreDataModule(pl.LightningDataModule):
         """Build the datasets once (every stage shares them)."""
         if self._splits is None:
             train, val, test = self.build()
+            if self.classes is not None:
+                train, val, test = (keep_classes(d, self.classes) for d in (train, val, test))
             if self.label_noise:
                 train = inject_label_noise(
                     train, self.label_noise, self.num_classes, self.label_noise_seed, shuffle=True

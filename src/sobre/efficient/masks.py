@@ -541,9 +541,10 @@ class MaskedOptimizer(Optimizer):
         """Add a group to the wrapped optimizer."""
         self.optimizer.add_param_group(param_group)
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """One step of the wrapped optimizer, frozen entries restored afterwards."""
-        saved = []
+    def snapshot(self) -> list[tuple[_Restore, tuple[Tensor | slice, ...] | None, Tensor]]:
+        """Copies of the frozen entries, for :meth:`restore` after a step taken elsewhere (a
+        Lightning callback snapshots before the trainer's step and restores after it)."""
+        saved: list[tuple[_Restore, tuple[Tensor | slice, ...] | None, Tensor]] = []
         with torch.no_grad():
             for r in self._plan:
                 if r.index is None:
@@ -553,13 +554,23 @@ class MaskedOptimizer(Optimizer):
                         i.to(r.param.device) if isinstance(i, Tensor) else i for i in r.index
                     )
                     saved.append((r, index, r.param[index]))
-        loss = self.optimizer.step(closure)
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[_Restore, tuple[Tensor | slice, ...] | None, Tensor]]) -> None:
+        """Write a :meth:`snapshot` back: the frozen entries are bit-identical to it again."""
         with torch.no_grad():
             for r, index, values in saved:
                 if index is None:
                     r.param.copy_(values)
                 else:
                     r.param[index] = values
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One step of the wrapped optimizer, frozen entries restored afterwards."""
+        saved = self.snapshot()
+        loss = self.optimizer.step(closure)
+        self.restore(saved)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
