@@ -26,7 +26,7 @@ from sobre.core.registry import suggest
 
 SECTIONS = ("name", "seed", "data", "model", "trainer", "methods", "stages", "evaluate", "meta")
 DEFAULT_ROUTINE = "sobre.engine.routine.ClassificationRoutine"
-STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "methods", "trainer", "repeat")
+STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "methods", "trainer", "repeat", "data")
 EVALUATE_KEYS = ("test", "measure", "report", "checkpoint")
 
 

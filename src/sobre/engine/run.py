@@ -34,6 +34,7 @@ from sobre.core.masks import restore_masks
 from sobre.core.measure import measure
 from sobre.core.methods import NeedsStageModel, Regularizer
 from sobre.core.serialization import atomic_write_text, load_tree, read_info
+from sobre.data.base import check_keywords, datamodule_parameters
 from sobre.engine.callbacks import MethodCallback
 from sobre.engine.recipes import (
     apply_overrides,
@@ -67,6 +68,7 @@ class Stage:
     methods: list[Any] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
     repeat: int = 1
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def expand_stages(stages: Sequence[Stage]) -> list[Stage]:
@@ -264,6 +266,34 @@ class _Run:
         self.transform_reports: list[dict[str, Any]] = self.state.get("transform_reports", [])
         self.in_memory: str | None = None  # the stage whose final weights the routine holds
         self.env = environment()
+        self.data_args = dict(recipe["data"].get("init_args") or {})
+        self.stage_data = {repr(sorted(self.data_args.items())): self.datamodule}
+        for i in range(len(self.stages)):
+            self.use_stage_data(i)
+
+    def use_stage_data(self, index: int) -> None:
+        """Make ``self.datamodule`` the one stage ``index`` trains on: the recipe's, changed by
+        the ``data`` of every stage up to ``index`` (built once per distinct set of arguments;
+        every stage's is built and checked when the run starts, before any training)."""
+        args = dict(self.data_args)
+        for stage in self.stages[: index + 1]:
+            args.update(stage.data)
+        key = repr(sorted(args.items()))
+        if key not in self.stage_data:
+            cls = type(self.datamodule)
+            what = f"stage {self.stages[index].name!r} data"
+            check_keywords(what, datamodule_parameters(cls), args, "data: {{{key}: ...}}")
+            dm = cls(**args)
+            first = self.stage_data[next(iter(self.stage_data))]
+            if (dm.num_classes, dm.in_channels) != (first.num_classes, first.in_channels):
+                raise ConfigError(
+                    f"stage {self.stages[index].name!r} changes data to {dm.num_classes} classes "
+                    f"and {dm.in_channels} input channels, but the model was built for "
+                    f"{first.num_classes} and {first.in_channels}; keep both (e.g. as many "
+                    "classes in data.classes as the first stage has)"
+                )
+            self.stage_data[key] = dm
+        self.datamodule = self.stage_data[key]
 
     @property
     def is_zero(self) -> bool:
@@ -295,6 +325,7 @@ class _Run:
         }
 
     def fit_stage(self, index: int, stage: Stage, extra: Sequence[Callback]) -> None:
+        self.use_stage_data(index)
         ckpt_dir = self.dir / "checkpoints" / stage.name
         last = ckpt_dir / "last.safetensors"
         if last.is_file():  # resuming this stage: rebuild its structure, Lightning loads the rest
@@ -366,6 +397,7 @@ class _Run:
         return {"transform": type(transform).__name__, **report()} if callable(report) else {}
 
     def evaluate(self) -> None:
+        self.use_stage_data(len(self.stages) - 1)
         last = self.stages[-1].name
         if self.trainer is None:  # resumed after the last stage had finished
             restore(self.routine, self.dir / "checkpoints" / last / "final.safetensors")
@@ -515,6 +547,12 @@ def retest(
     if overrides:
         parsed = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
         recipe = apply_overrides(recipe, parsed)
+    stage = Path(checkpoint).parent.name  # test on the data the checkpoint's stage trained on
+    data = recipe["data"] = copy.deepcopy(recipe["data"])
+    for raw in recipe.get("stages") or []:
+        data.setdefault("init_args", {}).update(raw.get("data") or {})
+        if stage == raw.get("name") or stage.rsplit("_", 1)[0] == raw.get("name"):
+            break
     recipe.pop("stages", None)  # nothing is trained here: stages and methods are not needed
     recipe.pop("methods", None)
     _, objs = _instantiate(normalize(recipe), str(checkpoint))
