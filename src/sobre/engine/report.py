@@ -3,7 +3,9 @@
 Everything is read back from the run folder's files (``logs/<stage>/metrics.csv``,
 ``metrics.json``, ``measure.json``, ``config.yaml``, ``env.json``): JSON first, figures from JSON.
 Families add figures through the ``sobre.plots`` entry-point group: a function that receives
-``PLOTS`` and registers ``fn(run: RunFiles) -> Figure | None`` plots in it.
+``PLOTS`` and registers ``fn(run: RunFiles) -> Figure | None`` plots in it; and figures of
+several runs (``sobre report RUN RUN --out DIR``) through ``sobre.compare_plots``: a function that
+receives ``COMPARE_PLOTS`` and registers ``fn(runs: list[RunFiles]) -> Figure | None`` in it.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ class RunFiles:
 
 PLOTS: Registry[Callable[[RunFiles], Figure | None]] = Registry("plot")
 PLOT_PLUGINS = "sobre.plots"  # entry-point group: ``fn(PLOTS)`` registers a family's plots
+COMPARE_PLOTS: Registry[Callable[[list[RunFiles]], Figure | None]] = Registry("comparison plot")
+COMPARE_PLUGINS = "sobre.compare_plots"  # ``fn(COMPARE_PLOTS)``: a family's multi-run figures
 
 
 @functools.cache
 def _load_plot_plugins() -> None:
     """Let every installed family register its plots (entry points, so the engine names none)."""
-    for entry in importlib.metadata.entry_points(group=PLOT_PLUGINS):
-        entry.load()(PLOTS)
+    for group, registry in ((PLOT_PLUGINS, PLOTS), (COMPARE_PLUGINS, COMPARE_PLOTS)):
+        for entry in importlib.metadata.entry_points(group=group):
+            entry.load()(registry)
 
 
 def _epoch_rows(path: Path) -> list[dict[str, float]]:
@@ -270,20 +275,30 @@ def _label(run: RunFiles) -> str:
 
 def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Overlay several runs' accuracy-vs-sparsity and -depth curves (e.g. a weight-decay sweep
-    of a double-descent recipe) and tabulate their final metrics; returns ``compare.md``."""
+    of a double-descent recipe), draw the families' comparison figures (e.g. accuracy against
+    the update budget) and tabulate the final metrics; returns ``compare.md``."""
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run folders")
     runs = [read_run(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig = _stage_figure([(_label(r), stage_points(r)) for r in runs], "runs compared: ", False)
-    if fig is None:
-        raise ConfigError(
-            "none of these runs has two measured stages to compare; compare multi-stage runs "
-            "(e.g. recipes/prune/*.yaml)"
+    figures = {
+        "compare": _stage_figure(
+            [(_label(r), stage_points(r)) for r in runs], "runs compared: ", False
         )
-    fig.savefig(out / "compare.png", dpi=DPI)
-    plt.close(fig)
+    }
+    _load_plot_plugins()
+    figures.update({name: COMPARE_PLOTS.get(name)(runs) for name in COMPARE_PLOTS.names()})
+    drawn = [name for name, fig in figures.items() if fig is not None]
+    if not drawn:
+        raise ConfigError(
+            "none of these runs has two measured stages or family results to compare; compare "
+            "multi-stage runs (e.g. recipes/prune/*.yaml) or runs of one family (e.g. "
+            "recipes/efficient/budget_*.yaml at several budgets)"
+        )
+    for name in drawn:
+        figures[name].savefig(out / f"{name}.png", dpi=DPI)
+        plt.close(figures[name])
     lines = [
         "# Runs compared",
         "",
@@ -298,7 +313,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             f"| `{_label(run)}` | {metrics.get('test/acc', math.nan):.4f} | "
             f"{metrics.get('val/acc', math.nan):.4f} | {last} |"
         )
-    lines += ["", "![compare](compare.png)", ""]
+    lines += ["", *(f"![{name}]({name}.png)" for name in drawn), ""]
     path = out / "compare.md"
     atomic_write_text(path, "\n".join(lines))
     return path
