@@ -55,7 +55,10 @@ def probe_inputs(
     counts: dict[int, int] = {}
     total = 0
     for batch in loader:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if isinstance(batch, (tuple, list)):  # (input, label, ...) or [input] (a TensorDataset(x))
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x, y = batch, None
         x = x.detach().cpu()
         if per_class is not None:
             if y is None:
