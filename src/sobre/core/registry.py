@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 from sobre.core.errors import UnknownNameError
 
@@ -22,6 +23,20 @@ def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """A ``did you mean ...?`` hint (empty when nothing is close)."""
     hits = closest(name, choices)
     return f"; did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def lazy_attributes(package: str, module: str, names: Iterable[str]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` for ``package`` that imports ``package.module`` when one of
+    ``names`` is first used (a family's Lightning callbacks: importing the family stays
+    Lightning-free)."""
+    lazy = frozenset(names)
+
+    def getattr_(name: str) -> Any:
+        if name in lazy:
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return getattr_
 
 
 class Registry(Generic[T]):

@@ -6,11 +6,24 @@ sparse updates).
 - ``select``: the ``ChannelSelector`` protocol and budgets in parameters or bytes.
 - ``sparse``: channel-sparse layers whose backward computes and saves only what the trainable
   channels need; frozen-BN folding; a ReLU saving a bit-mask.
+- ``probe``: per-neuron outputs on a fixed probe set (the activation tap of the velocity methods).
+- ``neq``: NEq (#11) and SCoTTi (#38, learned thresholds).
+- ``neve``: NeVe (#48), LR decay and early stopping from neural velocity.
+- ``budget``: neuron selection under a parameter budget (#33).
+- ``dynamic``: TraDy (#41) and MeDyate (#45), memory-budgeted dynamic channel updates.
+- ``callbacks`` (Lightning, imported on first use): ``NEqCallback``, ``NeVeCallback``,
+  ``BudgetCallback``, ``SparseUpdateCallback``.
 
 See docs/efficient.md.
 """
 
+from sobre.core.registry import lazy_attributes
+from sobre.efficient.budget import BudgetedNeuronSelector
+from sobre.efficient.dynamic import SAMPLERS, SCORERS, ChannelBudget, LayerStats, UpdatePlan
 from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
+from sobre.efficient.neq import NEq, SCoTTi, backward_saving, drive_sparse, shuffle_mask
+from sobre.efficient.neve import NeuralVelocity, VelocityPlateau, VelocityReport
+from sobre.efficient.probe import ProbeOutputs, noise_probe, probe_inputs
 from sobre.efficient.select import (
     Budget,
     ChannelSelector,
@@ -32,25 +45,50 @@ from sobre.efficient.sparse import (
     trainable_fractions,
 )
 
+_CALLBACKS = ("BudgetCallback", "NEqCallback", "NeVeCallback", "SparseUpdateCallback")
+
+__getattr__ = lazy_attributes(__name__, "callbacks", _CALLBACKS)
+
 __all__ = [
     "LAYERS",
     "NORMS",
+    "SAMPLERS",
+    "SCORERS",
     "BitMaskReLU",
     "BitMaskReLU6",
     "Budget",
+    "BudgetCallback",
+    "BudgetedNeuronSelector",
+    "ChannelBudget",
     "ChannelSelector",
     "ChannelSparseConv2d",
     "ChannelSparseLinear",
     "ImportanceSampling",
+    "LayerStats",
     "MaskedOptimizer",
+    "NEq",
+    "NEqCallback",
+    "NeVeCallback",
+    "NeuralVelocity",
     "NeuronMask",
+    "ProbeOutputs",
     "RandomSelector",
+    "SCoTTi",
+    "SparseUpdateCallback",
     "StaticSelector",
     "TopK",
+    "UpdatePlan",
+    "VelocityPlateau",
+    "VelocityReport",
+    "backward_saving",
     "densify",
+    "drive_sparse",
     "fold_frozen_bn",
     "mask_relus",
+    "noise_probe",
+    "probe_inputs",
     "set_trainable",
+    "shuffle_mask",
     "sparsify",
     "trainable_fractions",
 ]

@@ -9,8 +9,7 @@ structure edit is a recorded ``sobre.core.edits`` edit, so pruned models reload 
 without pickles; see docs/prune.md.
 """
 
-from typing import Any
-
+from sobre.core.registry import lazy_attributes
 from sobre.prune.compact import channel_groups, compact, compact_report
 from sobre.prune.curves import is_monotone, sdd_score, sparsity_curve
 from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
@@ -45,15 +44,7 @@ from sobre.prune.surgery import (
 
 _CALLBACKS = ("EasierCallback", "EntropyGuidedPruningCallback", "IMPCallback")
 
-
-def __getattr__(name: str) -> Any:
-    """The Lightning callbacks, imported on first use: ``import sobre.prune`` loads no Lightning."""
-    if name in _CALLBACKS:
-        from sobre.prune import callbacks
-
-        return getattr(callbacks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, "callbacks", _CALLBACKS)
 
 __all__ = [
     "ActivationEntropy",
