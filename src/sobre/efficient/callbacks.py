@@ -25,9 +25,11 @@ saving is the counted one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -36,10 +38,20 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.measure import backward_flops, saved_activation_bytes
+from sobre.efficient.budget import BudgetedNeuronSelector
+from sobre.efficient.dynamic import ChannelBudget
 from sobre.efficient.masks import MaskedOptimizer, NeuronMask
-from sobre.efficient.sparse import ChannelSparseConv2d, ChannelSparseLinear, densify, sparsify
+from sobre.efficient.neq import NEq, drive_sparse
+from sobre.efficient.neve import NeuralVelocity, VelocityPlateau
+from sobre.efficient.sparse import densify, sparsify
 
-__all__ = ["ChannelFreezing"]
+__all__ = [
+    "BudgetCallback",
+    "ChannelFreezing",
+    "NEqCallback",
+    "NeVeCallback",
+    "SparseUpdateCallback",
+]
 
 log = logging.getLogger(__name__)
 Sparse = bool | Literal["auto"]
@@ -99,38 +111,15 @@ class ChannelFreezing(pl.Callback):
         """Observe the model after ``epoch``; return extra scalars to log (default: none)."""
         return {}
 
-    # -- helpers for subclasses ------------------------------------------------------------
-    @staticmethod
-    def fixed_batches(trainer: pl.Trainer, n: int) -> list[tuple[Tensor, Tensor]]:
-        """The first ``n`` training samples in dataset order (not the sharded, shuffled loader),
-        as ``(input, label)`` batches of the datamodule's batch size: the same on every rank."""
-        dm = trainer.datamodule
-        if dm is None:
-            raise ConfigError(f"{n} fixed training samples need a datamodule passed to fit")
-        data = dm.train_dataset
-        size = min(n, len(data))
-        if size == 0:
-            raise ConfigError("the training split is empty: there is nothing to probe with")
-        items = [data[i] for i in range(size)]
-        bs = max(1, int(getattr(dm, "batch_size", 128)))
-        return [
-            (
-                torch.stack([torch.as_tensor(x) for x, _ in items[i : i + bs]]),
-                torch.as_tensor([int(y) for _, y in items[i : i + bs]]),
-            )
-            for i in range(0, size, bs)
-        ]
-
     # -- Lightning hooks -------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.build(trainer, pl_module)
         dm = trainer.datamodule
         n = self.measure_batch if self.measure_batch is not None else getattr(dm, "batch_size", 0)
-        if n and dm is not None:
+        if n and dm is not None:  # the reference: every layer trained, before build() acts
             n = min(n, len(dm.train_dataset))
             self._example = dm.example_input(n).to(pl_module.device)
-            full = backward_flops(pl_module.net, self._example)
-            self._full_backward = full.backward
+            self._full_backward = backward_flops(pl_module.net, self._example).backward
+        self.build(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = pl_module.net
@@ -143,18 +132,11 @@ class ChannelFreezing(pl.Callback):
             return
         self._masked = MaskedOptimizer(trainer.optimizers[0], mask, net)
         use_sparse = trainer.world_size == 1 if self.sparse == "auto" else self.sparse
-        if use_sparse:  # sparsify also updates layers already swapped in
-            chosen = {
-                name: mask[name]
-                for name in mask
-                if type(m := net.get_submodule(name)) in _SPARSE_TYPES
-                or isinstance(m, ChannelSparseConv2d | ChannelSparseLinear)
-            }
-            if mask.dim == "out":
-                sparsify(net, trainable=chosen)
-            else:
-                sparsify(net, trainable_in=chosen)
+        if use_sparse and not self._swapped:  # swap once; drive_sparse sets them every epoch
+            sparsify(net, {n: None for n in mask if type(net.get_submodule(n)) in _SPARSE_TYPES})
             self._swapped = True
+        if self._swapped:
+            drive_sparse(net, mask)
         self._times = []
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -210,3 +192,436 @@ class ChannelFreezing(pl.Callback):
             logs["efficient/backward_saving"] = 1 - counted.backward / self._full_backward
         logs["efficient/saved_mb"] = saved_activation_bytes(net, self._example).activations / 1e6
         return logs
+
+
+def _train_samples(trainer: pl.Trainer) -> Iterator[tuple[Tensor, Tensor]]:
+    """Training samples one by one in dataset order (not the sharded, shuffled loader, so every
+    rank of a DDP run reads the same ones), as ``(input[None], label[None])`` batches."""
+    dm = trainer.datamodule
+    if dm is None:
+        raise ConfigError("the efficient callbacks need a datamodule passed to trainer.fit")
+    data = dm.train_dataset
+    for i in range(len(data)):
+        x, y = data[i][:2]
+        yield torch.as_tensor(x)[None], torch.as_tensor(int(y))[None]
+
+
+def probe_per_class(trainer: pl.Trainer, per_class: int) -> list[Tensor]:
+    """The first ``per_class`` training images of each class, in dataset order (NEq's probe Ξ;
+    the paper finds one image per class enough), read without touching the rest."""
+    num_classes = int(getattr(trainer.datamodule, "num_classes", 0)) or None
+    counts: dict[int, int] = {}
+    kept: list[Tensor] = []
+    for x, y in _train_samples(trainer):
+        label = int(y)
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            kept.append(x)
+        if num_classes and len(counts) == num_classes and min(counts.values()) >= per_class:
+            break
+    if not kept:
+        raise ConfigError("the training split is empty: there is nothing to probe with")
+    return [torch.cat(kept[i : i + 256]) for i in range(0, len(kept), 256)]
+
+
+class NEqCallback(ChannelFreezing):
+    """NEq (#11) or SCoTTi (#38, ``threshold="learned"``) in a Lightning fit.
+
+    Before each epoch the probe set (``per_class`` training images per class, the same on every
+    rank) is forwarded and neurons whose velocity is below ε are frozen for that epoch (see
+    :class:`~sobre.efficient.neq.NEq`; the first epoch is the reference, ``warmup`` epochs train
+    densely). Logs, besides :class:`ChannelFreezing`'s costs, ``velocity/mean`` and
+    ``velocity/<layer>`` (mean ``|v|``, measured before the epoch) and ``efficient/frozen``.
+
+    Args:
+        eps, mu, warmup, criterion, velocity_rule, threshold, tau_lr, temperature, tradeoff:
+            :class:`~sobre.efficient.neq.NEq`'s.
+        per_class: probe images per class.
+        sparse, measure_batch, log_layers: :class:`ChannelFreezing`'s.
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-3,
+        mu: float = 0.5,
+        warmup: int = 1,
+        per_class: int = 10,
+        criterion: Literal["cosine", "pooled"] = "cosine",
+        velocity_rule: Literal["paper", "code"] = "paper",
+        threshold: Literal["fixed", "learned"] = "fixed",
+        tau_lr: float = 0.3,
+        temperature: float = 0.01,
+        tradeoff: float = 20.0,
+        *,
+        sparse: Sparse = "auto",
+        measure_batch: int | None = None,
+        log_layers: bool = True,
+    ) -> None:
+        super().__init__(sparse=sparse, measure_batch=measure_batch, log_layers=log_layers)
+        if per_class < 1:
+            raise ConfigError(f"per_class must be >= 1 probe image per class, got {per_class}")
+        self.per_class = per_class
+        self.options: dict[str, Any] = dict(
+            eps=eps,
+            mu=mu,
+            warmup=warmup,
+            criterion=criterion,
+            velocity_rule=velocity_rule,
+            threshold=threshold,
+            tau_lr=tau_lr,
+            temperature=temperature,
+            tradeoff=tradeoff,
+        )
+        toy = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
+        NEq(toy, [torch.zeros(1, 1, 2, 2)], **self.options)  # bad values fail as the recipe loads
+        self.neq: NEq | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.neq = NEq(pl_module.net, probe_per_class(trainer, self.per_class), **self.options)
+        if self._loaded is not None:
+            self.neq.load_state_dict(self._loaded)
+            self._loaded = None
+
+    def mask_for_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> NeuronMask:
+        assert self.neq is not None
+        if self.neq.epoch is not None and self.neq.epoch >= epoch:  # resumed mid-epoch
+            return self.neq.mask
+        return self.neq.update(epoch)
+
+    def after_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> dict[str, float]:
+        assert self.neq is not None
+        stats = self.neq.stats()
+        logs = {"efficient/frozen": float(stats["frozen"])}
+        velocities = self.neq.velocities()
+        if velocities:
+            total = torch.cat([v.abs() for v in velocities.values()])
+            logs["velocity/mean"] = float(total.mean())
+            if self.log_layers:
+                logs.update({f"velocity/{n}": float(v.abs().mean()) for n, v in velocities.items()})
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"neq": self.neq.state_dict()} if self.neq is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("neq")
+
+
+class BudgetCallback(ChannelFreezing):
+    """Neuron selection under a parameter budget (#33) in a Lightning fit.
+
+    Before each epoch :class:`~sobre.efficient.budget.BudgetedNeuronSelector` picks the conv
+    neurons (output channels) to update, whose parameters never exceed the budget: by NEq
+    velocity (``per_class`` probe images per class), at random, or a static SU-like plan. Norms
+    and the classifier train in every arm. Logs ``efficient/budget`` (the budget as a fraction
+    of the conv parameters, for ``sobre report RUN RUN --out``'s accuracy-vs-budget figure) and
+    ``efficient/realised`` (the parameters updated, as the same fraction), besides
+    :class:`ChannelFreezing`'s costs.
+
+    Args:
+        budget_fraction, budget_params, scorer, static_plan, seed, fill, per_param:
+            :class:`~sobre.efficient.budget.BudgetedNeuronSelector`'s (``static_plan``: layer
+            names in priority order).
+        per_class: probe images per class for ``scorer="velocity"``.
+        sparse, measure_batch, log_layers: :class:`ChannelFreezing`'s.
+    """
+
+    def __init__(
+        self,
+        budget_fraction: float | None = None,
+        budget_params: int | None = None,
+        scorer: Literal["velocity", "random", "static"] = "velocity",
+        static_plan: list[str] | None = None,
+        seed: int = 0,
+        fill: Literal["stop", "skip"] = "stop",
+        per_param: bool = True,
+        per_class: int = 10,
+        *,
+        sparse: Sparse = "auto",
+        measure_batch: int | None = None,
+        log_layers: bool = True,
+    ) -> None:
+        super().__init__(sparse=sparse, measure_batch=measure_batch, log_layers=log_layers)
+        if per_class < 1:
+            raise ConfigError(f"per_class must be >= 1 probe image per class, got {per_class}")
+        self.per_class = per_class
+        self.options: dict[str, Any] = dict(
+            budget_fraction=budget_fraction,
+            budget_params=budget_params,
+            scorer=scorer,
+            static_plan=static_plan,
+            seed=seed,
+            fill=fill,
+            per_param=per_param,
+        )
+        if (budget_params is None) == (budget_fraction is None):
+            raise ConfigError(
+                "give exactly one of budget_fraction (e.g. 0.1 of the conv parameters) and "
+                f"budget_params; got budget_fraction={budget_fraction}, "
+                f"budget_params={budget_params}"
+            )
+        self.selector: BudgetedNeuronSelector | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = None
+        if self.options["scorer"] == "velocity":
+            probe = probe_per_class(trainer, self.per_class)
+        self.selector = BudgetedNeuronSelector(pl_module.net, probe=probe, **self.options)
+        if self._loaded is not None:
+            self.selector.load_state_dict(self._loaded)
+            self._loaded = None
+
+    def mask_for_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> NeuronMask:
+        assert self.selector is not None
+        if self.selector.epoch is not None and self.selector.epoch >= epoch:  # resumed
+            return self.selector.mask
+        return self.selector.select(epoch)
+
+    def after_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> dict[str, float]:
+        assert self.selector is not None
+        total = self.selector.budget.total() or 1
+        return {
+            "efficient/budget": self.selector.budget.limit / total,
+            "efficient/realised": self.selector.realised() / total,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"selector": self.selector.state_dict()} if self.selector is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("selector")
+
+
+class SparseUpdateCallback(ChannelFreezing):
+    """TraDy (#41) or MeDyate (#45): fine-tune under a hard memory budget, in a Lightning fit.
+
+    At the start of the fit :class:`~sobre.efficient.dynamic.ChannelBudget` ranks the layers on
+    the first ``rank_batches`` training batches (dataset order), keeps the best that fit the
+    budget, folds BatchNorm, swaps channel-sparse layers and bit-mask ReLUs in and freezes the
+    rest; the optimizer is rebuilt over what trains. Before each epoch the input channels of the
+    kept layers are drawn again (uniformly: TraDy; by importance: MeDyate). The measured saved
+    activations of a step never exceed the budget (logged as ``efficient/saved_mb``, with
+    ``efficient/budget``, the budget as a fraction of the full backward's bytes).
+
+    The BN fold is a structure edit made inside the fit, so this callback refuses distributed
+    runs: memory-bounded fine-tuning targets one small device.
+
+    Args:
+        budget_fraction, budget_bytes, layer_scorer, channel_sampler, layers, train_fully,
+            max_layers, min_fraction, allocation, resample, refresh_every, seed:
+            :class:`~sobre.efficient.dynamic.ChannelBudget`'s (TraDy: ``rgn`` + ``uniform``;
+            MeDyate: ``lara`` + ``importance``).
+        rank_batches: training batches of the offline layer ranking.
+        measure_batch, log_layers: :class:`ChannelFreezing`'s.
+    """
+
+    def __init__(
+        self,
+        budget_fraction: float | None = None,
+        budget_bytes: int | None = None,
+        layer_scorer: str = "rgn",
+        channel_sampler: str = "uniform",
+        layers: list[str] | None = None,
+        train_fully: list[str] | None = None,
+        max_layers: int | None = None,
+        min_fraction: float = 0.25,
+        allocation: Literal["layer", "pooled"] = "layer",
+        resample: Literal["epoch", "never"] = "epoch",
+        refresh_every: int | None = None,
+        seed: int = 0,
+        rank_batches: int = 4,
+        *,
+        measure_batch: int | None = None,
+        log_layers: bool = True,
+    ) -> None:
+        super().__init__(sparse=False, measure_batch=measure_batch, log_layers=log_layers)
+        if rank_batches < 1:
+            raise ConfigError(f"rank_batches must be >= 1, got {rank_batches}")
+        self.rank_batches = rank_batches
+        self.options: dict[str, Any] = dict(
+            budget_fraction=budget_fraction,
+            budget_bytes=budget_bytes,
+            layer_scorer=layer_scorer,
+            channel_sampler=channel_sampler,
+            layers=layers,
+            train_fully=tuple(train_fully or ()),
+            max_layers=max_layers,
+            min_fraction=min_fraction,
+            allocation=allocation,
+            resample=resample,
+            refresh_every=refresh_every,
+            seed=seed,
+        )
+        self.budget: ChannelBudget | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise ConfigError(
+                "SparseUpdateCallback edits the model (BN folding) inside the fit, which a "
+                f"distributed run ({trainer.world_size} processes) cannot do; run it on one "
+                "device"
+            )
+        dm = trainer.datamodule
+        example = dm.example_input(min(dm.batch_size, len(dm.train_dataset)))
+        self.budget = ChannelBudget(
+            pl_module.net, example_input=example.to(pl_module.device), **self.options
+        )
+        if self._loaded is not None:
+            self.budget.load_state_dict(self._loaded)
+            self._loaded = None
+        else:
+            samples = list(
+                itertools.islice(_train_samples(trainer), self.rank_batches * dm.batch_size)
+            )
+            batches = [
+                (
+                    torch.cat([x for x, _ in samples[i : i + dm.batch_size]]),
+                    torch.cat([y for _, y in samples[i : i + dm.batch_size]]),
+                )
+                for i in range(0, len(samples), dm.batch_size)
+            ]
+            self.budget.rank_layers(batches, max_batches=self.rank_batches)
+        pl_module.net = self.budget.apply()
+        self._swapped = True  # densified at the end of the fit (ChannelFreezing.on_fit_end)
+        trainer.strategy.setup_optimizers(trainer)  # over what trains now
+        plan = self.budget.plan()
+        log.info(
+            "sparse update: %d layers kept (%s), %d of %d budget bytes planned",
+            len(plan.layers),
+            ", ".join(plan.layers),
+            plan.total_bytes,
+            plan.budget_bytes,
+        )
+
+    def mask_for_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> NeuronMask:
+        assert self.budget is not None
+        if epoch > 0 and self.budget.state_dict()["epoch"] != epoch:
+            self.budget.resample(epoch)
+        return self.budget.neuron_mask()
+
+    def after_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
+    ) -> dict[str, float]:
+        assert self.budget is not None
+        return {
+            "efficient/budget": self.budget.budget_bytes / self.budget.full_bytes,
+            "efficient/budget_mb": self.budget.budget_bytes / 1e6,
+        }
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        for p in pl_module.net.parameters():  # a later stage trains the whole model again
+            p.requires_grad_(True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget.state_dict()} if self.budget is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("budget")
+
+
+class NeVeCallback(pl.Callback):
+    """NeVe (#48): decay the LR and stop training from the neural velocity, without held-out data.
+
+    After each epoch the probe (``n_probe`` noise inputs of the data's input shape, or the first
+    training images with ``probe="train"``) is forwarded; :class:`~sobre.efficient.neve.
+    VelocityPlateau` multiplies every group's LR by ``factor`` when the velocity signal stops
+    decreasing for ``patience`` epochs and stops the fit when the mean ``|v|`` falls below
+    ``stop_below``. Use it with ``scheduler: none`` (it is the schedule). Logs ``velocity/mean``,
+    ``velocity/signal`` (M^t), ``lr`` and ``neve/decays``.
+    """
+
+    def __init__(
+        self,
+        probe: Literal["noise", "train"] = "noise",
+        n_probe: int = 100,
+        mu: float = 0.5,
+        noise: Literal["uniform", "gaussian"] = "uniform",
+        seed: int = 0,
+        factor: float = 0.5,
+        patience: int = 10,
+        stop_below: float | None = 1e-3,
+        threshold: float = 0.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        if probe not in ("noise", "train"):
+            raise ConfigError(f"probe must be 'noise' or 'train', got {probe!r}")
+        self.probe, self.n_probe, self.mu, self.noise, self.seed = probe, n_probe, mu, noise, seed
+        self.rule = dict(
+            factor=factor,
+            patience=patience,
+            stop_below=stop_below,
+            threshold=threshold,
+            min_lr=min_lr,
+        )
+        VelocityPlateau(torch.optim.SGD([torch.zeros(1)], lr=1.0), **self.rule)  # check values
+        self.velocity: NeuralVelocity | None = None
+        self.plateau: VelocityPlateau | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if self.probe == "train":
+            samples = itertools.islice(_train_samples(trainer), self.n_probe)
+            probe: Any = [torch.cat([x for x, _ in samples])]
+        else:
+            probe = "noise"
+        self.velocity = NeuralVelocity(
+            pl_module.net,
+            probe,
+            n_probe=self.n_probe,
+            mu=self.mu,
+            noise=self.noise,
+            seed=self.seed,
+            input_shape=getattr(dm, "input_shape", None),
+        )
+        self.plateau = VelocityPlateau(trainer.optimizers[0], **self.rule)
+        if self._loaded is not None:
+            self.velocity.load_state_dict(self._loaded["velocity"])
+            self.plateau.load_state_dict(self._loaded["plateau"])
+            self.plateau.optimizer = trainer.optimizers[0]
+            self._loaded = None
+        else:
+            self.velocity.measure()  # the reference, before any training
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.velocity is not None and self.plateau is not None
+        report = self.velocity.measure()
+        stop = self.plateau.step(report)
+        logs = {"lr": float(trainer.optimizers[0].param_groups[0]["lr"])}
+        logs["neve/decays"] = float(self.plateau.num_decays)
+        if report.mean_velocity is not None:
+            logs["velocity/mean"] = report.mean_velocity
+        if report.mse is not None:
+            logs["velocity/signal"] = report.mse
+        for key, value in logs.items():
+            pl_module.log(key, value, on_epoch=True, sync_dist=False)
+        if stop:
+            log.info(
+                "NeVe: mean velocity %.2e < %.0e after epoch %d: stopping",
+                report.mean_velocity or 0.0,
+                self.plateau.stop_below,
+                trainer.current_epoch,
+            )
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.velocity is None or self.plateau is None:
+            return {}
+        return {"velocity": self.velocity.state_dict(), "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict or None

@@ -57,8 +57,9 @@ class Stage:
     A transform whose ``apply`` takes a ``loader`` argument receives the training loader (e.g. to
     measure activation entropy); one with a ``report()`` method has it stored with the stage's
     metrics. ``methods`` are active in this stage only, on top of the recipe's ``methods`` (e.g.
-    distillation during the pruning rounds, not while the teacher trains). ``repeat: k`` runs the
-    stage k times, named ``<name>_1`` ... ``<name>_k``.
+    distillation during the pruning rounds, not while the teacher trains); a method that is a
+    Lightning callback is used as it is (e.g. a budgeted update only while fine-tuning).
+    ``repeat: k`` runs the stage k times, named ``<name>_1`` ... ``<name>_k``.
     """
 
     name: str = "train"
@@ -242,13 +243,19 @@ def _check_stage_models(methods: Sequence[Any], stages: Sequence[Stage]) -> None
                 )
 
 
+def _as_callback(method: Any) -> Callback:
+    """A Lightning callback as it is (e.g. a stage's ``BudgetCallback``); any other method
+    object adapted by :class:`MethodCallback`."""
+    return method if isinstance(method, Callback) else MethodCallback(method)
+
+
 class _Run:
     """State of one run; the files it writes are written by rank zero only."""
 
     def __init__(self, run_dir: Path, recipe: dict[str, Any], cfg: Any, objs: Any) -> None:
         self.dir, self.recipe, self.cfg = run_dir, recipe, cfg
         self.datamodule, self.routine = objs.data, objs.model
-        self.methods = [MethodCallback(m) for m in objs.methods or []]
+        self.methods = [_as_callback(m) for m in objs.methods or []]
         self.stages = expand_stages(objs.stages or [Stage()])
         self.teachers: dict[str, nn.Module] = {}  # stage name -> its final model, loaded once
         _check_stage_models(list(objs.methods or []), self.stages)
@@ -346,7 +353,7 @@ class _Run:
             kwargs["max_epochs"] = stage.max_epochs
         for method in stage.methods:
             self.bind_stage_model(method)
-        own = [MethodCallback(m) for m in stage.methods]
+        own = [_as_callback(m) for m in stage.methods]
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *own, *extra]
         self.trainer = make_trainer(self.dir, stage=stage.name, info=self.info, **kwargs)
         self.trainer.fit(
