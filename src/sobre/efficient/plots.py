@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sobre.core.registry import Registry
 
@@ -71,6 +72,7 @@ def cost(run: RunFiles) -> Figure | None:
     for ax, (key, title, scale, unit) in zip(axes[0], panels, strict=True):
         ax.plot(x, [r.get(key, math.nan) * scale for r in rows], "-o", ms=3)
         ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
@@ -104,6 +106,7 @@ def velocity(run: RunFiles) -> Figure | None:
         if lrs[i] < lrs[i - 1]:
             ax.axvline(x[i], color="grey", ls=":", lw=1)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean |velocity|")
     ax.set_title("neuron velocity (dotted: LR decays)")
