@@ -78,6 +78,18 @@ def test_probe_inputs_first_n_and_per_class():
     assert everything.shape[0] == 12
 
 
+def test_per_class_stops_reading_once_every_class_is_full():
+    batches = iter(labelled())
+    per = torch.cat(probe_inputs(batches, per_class=1, num_classes=3))
+    assert per[:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert next(batches, None) is not None  # the rest of the loader was not read
+
+
+def test_bare_one_element_batches_are_inputs():
+    loader = DataLoader(TensorDataset(torch.arange(5.0).view(5, 1)), batch_size=2)
+    assert torch.cat(probe_inputs(loader, n=3)).flatten().tolist() == [0.0, 1.0, 2.0]
+
+
 def test_bare_inputs_and_bad_input():
     bare = [torch.zeros(2, 3, 6, 6), torch.ones(2, 3, 6, 6)]
     assert torch.cat(probe_inputs(bare, n=3)).shape[0] == 3

@@ -43,6 +43,7 @@ from sobre.efficient.dynamic import ChannelBudget
 from sobre.efficient.masks import MaskedOptimizer, NeuronMask
 from sobre.efficient.neq import NEq, drive_sparse
 from sobre.efficient.neve import NeuralVelocity, VelocityPlateau
+from sobre.efficient.probe import probe_inputs
 from sobre.efficient.sparse import densify, sparsify
 
 __all__ = [
@@ -209,19 +210,8 @@ def _train_samples(trainer: pl.Trainer) -> Iterator[tuple[Tensor, Tensor]]:
 def probe_per_class(trainer: pl.Trainer, per_class: int) -> list[Tensor]:
     """The first ``per_class`` training images of each class, in dataset order (NEq's probe Ξ;
     the paper finds one image per class enough), read without touching the rest."""
-    num_classes = int(getattr(trainer.datamodule, "num_classes", 0)) or None
-    counts: dict[int, int] = {}
-    kept: list[Tensor] = []
-    for x, y in _train_samples(trainer):
-        label = int(y)
-        if counts.get(label, 0) < per_class:
-            counts[label] = counts.get(label, 0) + 1
-            kept.append(x)
-        if num_classes and len(counts) == num_classes and min(counts.values()) >= per_class:
-            break
-    if not kept:
-        raise ConfigError("the training split is empty: there is nothing to probe with")
-    return [torch.cat(kept[i : i + 256]) for i in range(0, len(kept), 256)]
+    num_classes = getattr(trainer.datamodule, "num_classes", None)
+    return probe_inputs(_train_samples(trainer), per_class=per_class, num_classes=num_classes)
 
 
 class NEqCallback(ChannelFreezing):

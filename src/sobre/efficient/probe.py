@@ -31,7 +31,11 @@ PROBED: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.BatchNorm2d)
 
 
 def probe_inputs(
-    loader: Iterable[Any], n: int | None = None, *, per_class: int | None = None
+    loader: Iterable[Any],
+    n: int | None = None,
+    *,
+    per_class: int | None = None,
+    num_classes: int | None = None,
 ) -> list[Tensor]:
     """A fixed probe set taken from a loader of ``(input, label)`` batches (or bare inputs).
 
@@ -40,6 +44,7 @@ def probe_inputs(
         n: Keep the first ``n`` samples (``None``: all of them, unless ``per_class`` is set).
         per_class: Keep the first ``per_class`` samples of each label instead (NEq: one image
             per class is enough; the CPU protocol uses 10).
+        num_classes: With ``per_class``: stop reading once this many labels are full.
 
     Returns:
         The probe batches, as CPU tensors.
@@ -73,6 +78,9 @@ def probe_inputs(
                     take.append(i)
             if take:
                 kept.append(x[take])
+            full = sum(c >= per_class for c in counts.values())
+            if num_classes is not None and full >= num_classes:
+                break
         else:
             room = x.shape[0] if n is None else n - total
             kept.append(x[:room])
