@@ -8,6 +8,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from sobre.core.edits import edit_log, replay
@@ -18,6 +20,7 @@ from sobre.efficient.sparse import (
     BitMaskReLU6,
     ChannelSparseConv2d,
     ChannelSparseLinear,
+    _columns,
     _pack,
     _pack_torch,
     _unpack_torch,
@@ -105,6 +108,70 @@ def test_conv_weight_gradient_only_for_trainable_channels(
         torch.testing.assert_close(got["0.bias"], expected(ref["bias"], out), atol=1e-5, rtol=0)
     if channels_last:
         assert gx.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "size"),
+    [
+        (dict(kernel_size=3, stride=2, padding=1), 8),  # even input: the grad-input gains a row
+        (dict(kernel_size=3, stride=3, padding=0, dilation=2), 11),
+        (dict(kernel_size=3, padding="same", padding_mode="reflect"), 7),
+        (dict(kernel_size=3, stride=2, padding=1, groups=8), 8),  # strided depthwise
+        (dict(kernel_size=1, stride=2), 8),
+    ],
+)
+def test_conv_geometries_give_native_input_gradient(kwargs: dict, size: int) -> None:
+    torch.manual_seed(5)
+    dense = nn.Conv2d(8, 8, **kwargs).to(memory_format=CL)
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=CL)
+    g = torch.randn_like(dense(x))
+    gx_ref, ref = grads(dense, x, g)
+    out = torch.tensor([True, False, True, True, False, False, True, False])
+    model = sparsify(nn.Sequential(copy.deepcopy(dense)), {"0": out})
+    gx, got = grads(model, x, g)
+    assert gx.shape == x.shape and gx.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["0.weight"], expected(ref["weight"], out), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["0.bias"], expected(ref["bias"], out), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_gradients_take_the_parameter_layout_and_accumulate(channels_last: bool) -> None:
+    torch.manual_seed(6)
+    dense = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    if channels_last:
+        dense, x = dense.to(memory_format=CL), x.contiguous(memory_format=CL)
+    keep = torch.tensor([False, True, True, False, True, False])
+    model = sparsify(nn.Sequential(dense), {"0": keep})
+    model(x).sum().backward()
+    grad = dense.weight.grad
+    assert grad is not None and grad.stride() == dense.weight.stride()  # .grad took it, no copy
+    once = grad.clone()
+    model(x).sum().backward()  # accumulates into .grad
+    assert torch.all(dense.weight.grad[~keep] == 0) and torch.all(dense.bias.grad[~keep] == 0)
+    torch.testing.assert_close(dense.weight.grad, 2 * once)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 12),
+    picks=st.lists(st.integers(0, 11), min_size=1, max_size=12),
+    threads=st.sampled_from([1, 2]),
+)
+def test_column_gather_equals_indexing(
+    rows: int, cols: int, picks: list[int], threads: int
+) -> None:
+    m = torch.randn(rows, cols)
+    index = torch.tensor(sorted({p % cols for p in picks}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # more than one thread takes the parallel gather
+    try:
+        got = _columns(m, index)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, m[:, index])
 
 
 def test_linear_rows_and_columns_on_3d_input() -> None:

@@ -79,12 +79,20 @@ _CL = torch.channels_last
 # --------------------------------------------------------------------------- selections
 
 
+def _columns(m: Tensor, index: Tensor) -> Tensor:
+    """``m[:, index]`` of a 2-D tensor; on a multi-threaded CPU as a ``gather`` with an expanded
+    index, which runs in parallel (``index_select`` along dim 1 runs on one thread)."""
+    if m.device.type == "cpu" and torch.get_num_threads() > 1:
+        return m.gather(1, index.expand(m.shape[0], -1))
+    return m.index_select(1, index)
+
+
 def _select(t: Tensor, index: Tensor) -> Tensor:
     """``t.index_select(1, index)``, keeping a 4-D channels-last tensor channels-last (as a 2-D
     ``(N*H*W, C)`` gather, which is far faster than indexing the 4-D view)."""
     if t.dim() == 4 and t.is_contiguous(memory_format=_CL):
         n, c, h, w = t.shape
-        rows = t.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, index)
+        rows = _columns(t.permute(0, 2, 3, 1).reshape(-1, c), index)
         return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
     return t.index_select(1, index)
 
@@ -160,19 +168,24 @@ def _shape_only(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     )
 
 
-def _scatter(block: Tensor, full_shape: torch.Size, plan: _Plan, *, cols: bool) -> Tensor:
-    """The full-shape gradient: ``block`` at the plan's trainable rows (and columns when
-    ``cols``), exact zeros elsewhere."""
+def _scatter(
+    block: Tensor, shape: torch.Size, stride: tuple[int, ...], plan: _Plan, *, cols: bool
+) -> Tensor:
+    """The full gradient, in the parameter's layout (``shape``, ``stride``: ``.grad`` then takes
+    it without a copy): ``block`` at the plan's trainable rows (and columns when ``cols``), exact
+    zeros elsewhere."""
     rows = plan.rows
     if plan.keep is not None and rows is not None:
         rows, block = rows[plan.keep], block.index_select(0, plan.keep)
     columns = plan.cols if cols else None
     if rows is None and columns is None:
         return block
-    full = _shape_only(full_shape, block).zero_()
+    full = block.new_empty_strided(shape, stride).zero_()  # 1.5x faster than index_fill_
     if columns is None:
         return full.index_copy_(0, rows, block)
-    full[(slice(None) if rows is None else rows[:, None], columns)] = block
+    if rows is None:  # index_copy_ is several times faster than the indexed assignment
+        return full.index_copy_(1, columns, block)
+    full[rows[:, None], columns] = block
     return full
 
 
@@ -277,6 +290,29 @@ class _ConvGeometry:
     groups: int
 
 
+def _grad_input(g: Tensor, weight: Tensor, x_shape: torch.Size, geom: _ConvGeometry) -> Tensor:
+    """dL/dX of a conv, as the transposed conv of ``g``: the same FLOPs, as fast as the
+    convolution backward on CPU and several times faster for strided depthwise convs, and no
+    input-shaped placeholder to allocate. ``extra`` restores the rows a strided conv dropped."""
+    extra: tuple[int, ...] = (0, 0)
+    if geom.stride != (1, 1):
+        extra = tuple(
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(
+                x_shape[2:],
+                g.shape[2:],
+                geom.stride,
+                geom.padding,
+                geom.dilation,
+                weight.shape[2:],
+                strict=True,
+            )
+        )
+    return F.conv_transpose2d(
+        g, weight, None, geom.stride, geom.padding, extra, geom.groups, geom.dilation
+    )
+
+
 def _needs(ctx: Any, plan: _Plan) -> tuple[bool, bool, bool]:
     """(input, weight, bias) gradients the backward computes."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -299,7 +335,7 @@ class _SparseConvFn(torch.autograd.Function):
         y = F.conv2d(x, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
         need_x, need_w, need_b = _needs(c, plan)
         c.geom, c.plan, c.x_shape, c.w_shape = geom, plan, x.shape, weight.shape
-        c.need_w, c.need_b = need_w, need_b
+        c.w_stride, c.need_w, c.need_b = weight.stride(), need_w, need_b
         saved = None
         if need_w:
             saved = x if plan.saved is None else _select(x, plan.saved)
@@ -314,9 +350,7 @@ class _SparseConvFn(torch.autograd.Function):
         conv = (geom.stride, geom.padding, geom.dilation, False, (0, 0))
         grad_x = grad_w = grad_b = None
         if weight is not None:
-            like = x if x is not None and plan.saved is None else _shape_only(c.x_shape, g)
-            mask = (True, False, False)
-            grad_x = _conv_backward(g, like, weight, None, *conv, geom.groups, mask)[0]
+            grad_x = _grad_input(g, weight, c.x_shape, geom)
         if c.need_w or c.need_b:
             g_rows = g if plan.rows is None else _select(g, plan.rows)
             if c.need_w:
@@ -325,11 +359,11 @@ class _SparseConvFn(torch.autograd.Function):
                 bias_sizes = [g_rows.shape[1]] if c.need_b else None
                 mask = (False, True, c.need_b)
                 _, dw, db = _conv_backward(g_rows, x, like_w, bias_sizes, *conv, plan.groups, mask)
-                grad_w = _scatter(dw, c.w_shape, plan, cols=True)
+                grad_w = _scatter(dw, c.w_shape, c.w_stride, plan, cols=True)
             else:
                 db = g_rows.sum((0, 2, 3))
             if c.need_b:
-                grad_b = _scatter(db, torch.Size([c.w_shape[0]]), plan, cols=False)
+                grad_b = _scatter(db, c.w_shape[:1], (1,), plan, cols=False)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -343,7 +377,8 @@ class _SparseLinearFn(torch.autograd.Function):
         c: Any = ctx
         y = F.linear(x, weight, bias)
         need_x, need_w, need_b = _needs(c, plan)
-        c.plan, c.w_shape, c.need_w, c.need_b = plan, weight.shape, need_w, need_b
+        c.plan, c.w_shape, c.w_stride = plan, weight.shape, weight.stride()
+        c.need_w, c.need_b = need_w, need_b
         saved = None
         if need_w:
             saved = x if plan.cols is None else x.index_select(-1, plan.cols)
@@ -360,12 +395,12 @@ class _SparseLinearFn(torch.autograd.Function):
             grad_x = g.matmul(weight)
         if c.need_w or c.need_b:
             g2 = g.reshape(-1, g.shape[-1])
-            g_rows = g2 if plan.rows is None else g2.index_select(1, plan.rows)
+            g_rows = g2 if plan.rows is None else _columns(g2, plan.rows)
             if c.need_w:
                 block = g_rows.t().mm(x.reshape(-1, x.shape[-1]))
-                grad_w = _scatter(block, c.w_shape, plan, cols=True)
+                grad_w = _scatter(block, c.w_shape, c.w_stride, plan, cols=True)
             if c.need_b:
-                grad_b = _scatter(g_rows.sum(0), torch.Size([c.w_shape[0]]), plan, cols=False)
+                grad_b = _scatter(g_rows.sum(0), c.w_shape[:1], (1,), plan, cols=False)
         return grad_x, grad_w, grad_b, None
 
 
