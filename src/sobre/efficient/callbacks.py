@@ -62,10 +62,11 @@ _SPARSE_TYPES = (nn.Conv2d, nn.Linear)
 class ChannelFreezing(pl.Callback):
     """Base: apply a per-epoch :class:`NeuronMask` for real and log its counted and measured cost.
 
-    Subclasses implement :meth:`build` (make the plain method object once the model and data are
-    known), :meth:`mask_for_epoch` (the mask of the epoch about to start) and may implement
-    :meth:`after_epoch` (observe the trained model, return extra scalars to log), ``state_dict``
-    and ``load_state_dict`` (the method's state, so a resumed run decides the same).
+    Subclasses implement :meth:`build` (make the plain method object, :attr:`method`, once the
+    model and data are known, then :meth:`restore` it), :meth:`mask_for_epoch` (the mask of the
+    epoch about to start) and may implement :meth:`after_epoch` (observe the trained model,
+    return extra scalars to log). The method's ``state_dict`` is checkpointed, so a resumed run
+    decides the same.
 
     Args:
         sparse: swap the masked ``nn.Conv2d``/``nn.Linear`` for channel-sparse layers for the
@@ -88,6 +89,8 @@ class ChannelFreezing(pl.Callback):
         self.sparse = sparse
         self.measure_batch = measure_batch
         self.log_layers = log_layers
+        self.method: Any = None
+        self._loaded: dict[str, Any] | None = None
         self._masked: MaskedOptimizer | None = None
         self._saved: list[Any] | None = None
         self._swapped = False
@@ -111,6 +114,21 @@ class ChannelFreezing(pl.Callback):
     ) -> dict[str, float]:
         """Observe the model after ``epoch``; return extra scalars to log (default: none)."""
         return {}
+
+    def restore(self) -> bool:
+        """Load a resumed run's checkpointed state into the :attr:`method` :meth:`build` just
+        made; False on a fresh fit."""
+        if self._loaded is None:
+            return False
+        self.method.load_state_dict(self._loaded)
+        self._loaded = None
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict()} if self.method is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("method")
 
     # -- Lightning hooks -------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -207,6 +225,17 @@ def _train_samples(trainer: pl.Trainer) -> Iterator[tuple[Tensor, Tensor]]:
         yield torch.as_tensor(x)[None], torch.as_tensor(int(y))[None]
 
 
+def _check_per_class(per_class: int) -> int:
+    if per_class < 1:
+        raise ConfigError(f"per_class must be >= 1 probe image per class, got {per_class}")
+    return per_class
+
+
+def _decided(last: int | None, epoch: int) -> bool:
+    """Whether the method already decided ``epoch``'s mask (a run resumed inside it)."""
+    return last is not None and last >= epoch
+
+
 def probe_per_class(trainer: pl.Trainer, per_class: int) -> list[Tensor]:
     """The first ``per_class`` training images of each class, in dataset order (NEq's probe Ξ;
     the paper finds one image per class enough), read without touching the rest."""
@@ -248,9 +277,7 @@ class NEqCallback(ChannelFreezing):
         log_layers: bool = True,
     ) -> None:
         super().__init__(sparse=sparse, measure_batch=measure_batch, log_layers=log_layers)
-        if per_class < 1:
-            raise ConfigError(f"per_class must be >= 1 probe image per class, got {per_class}")
-        self.per_class = per_class
+        self.per_class = _check_per_class(per_class)
         self.options: dict[str, Any] = dict(
             eps=eps,
             mu=mu,
@@ -264,42 +291,29 @@ class NEqCallback(ChannelFreezing):
         )
         toy = nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
         NEq(toy, [torch.zeros(1, 1, 2, 2)], **self.options)  # bad values fail as the recipe loads
-        self.neq: NEq | None = None
-        self._loaded: dict[str, Any] | None = None
 
     def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.neq = NEq(pl_module.net, probe_per_class(trainer, self.per_class), **self.options)
-        if self._loaded is not None:
-            self.neq.load_state_dict(self._loaded)
-            self._loaded = None
+        self.method = NEq(pl_module.net, probe_per_class(trainer, self.per_class), **self.options)
+        self.restore()
 
     def mask_for_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> NeuronMask:
-        assert self.neq is not None
-        if self.neq.epoch is not None and self.neq.epoch >= epoch:  # resumed mid-epoch
-            return self.neq.mask
-        return self.neq.update(epoch)
+        neq: NEq = self.method
+        return neq.mask if _decided(neq.epoch, epoch) else neq.update(epoch)
 
     def after_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> dict[str, float]:
-        assert self.neq is not None
-        stats = self.neq.stats()
+        stats = self.method.stats()
         logs = {"efficient/frozen": float(stats["frozen"])}
-        velocities = self.neq.velocities()
+        velocities = self.method.velocities()
         if velocities:
             total = torch.cat([v.abs() for v in velocities.values()])
             logs["velocity/mean"] = float(total.mean())
             if self.log_layers:
                 logs.update({f"velocity/{n}": float(v.abs().mean()) for n, v in velocities.items()})
         return logs
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"neq": self.neq.state_dict()} if self.neq is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict.get("neq")
 
 
 class BudgetCallback(ChannelFreezing):
@@ -337,9 +351,7 @@ class BudgetCallback(ChannelFreezing):
         log_layers: bool = True,
     ) -> None:
         super().__init__(sparse=sparse, measure_batch=measure_batch, log_layers=log_layers)
-        if per_class < 1:
-            raise ConfigError(f"per_class must be >= 1 probe image per class, got {per_class}")
-        self.per_class = per_class
+        self.per_class = _check_per_class(per_class)
         self.options: dict[str, Any] = dict(
             budget_fraction=budget_fraction,
             budget_params=budget_params,
@@ -355,41 +367,29 @@ class BudgetCallback(ChannelFreezing):
                 f"budget_params; got budget_fraction={budget_fraction}, "
                 f"budget_params={budget_params}"
             )
-        self.selector: BudgetedNeuronSelector | None = None
-        self._loaded: dict[str, Any] | None = None
 
     def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = None
         if self.options["scorer"] == "velocity":
             probe = probe_per_class(trainer, self.per_class)
-        self.selector = BudgetedNeuronSelector(pl_module.net, probe=probe, **self.options)
-        if self._loaded is not None:
-            self.selector.load_state_dict(self._loaded)
-            self._loaded = None
+        self.method = BudgetedNeuronSelector(pl_module.net, probe=probe, **self.options)
+        self.restore()
 
     def mask_for_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> NeuronMask:
-        assert self.selector is not None
-        if self.selector.epoch is not None and self.selector.epoch >= epoch:  # resumed
-            return self.selector.mask
-        return self.selector.select(epoch)
+        selector: BudgetedNeuronSelector = self.method
+        return selector.mask if _decided(selector.epoch, epoch) else selector.select(epoch)
 
     def after_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> dict[str, float]:
-        assert self.selector is not None
-        total = self.selector.budget.total() or 1
+        selector: BudgetedNeuronSelector = self.method
+        total = selector.budget.total() or 1
         return {
-            "efficient/budget": self.selector.budget.limit / total,
-            "efficient/realised": self.selector.realised() / total,
+            "efficient/budget": selector.budget.limit / total,
+            "efficient/realised": selector.realised() / total,
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"selector": self.selector.state_dict()} if self.selector is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict.get("selector")
 
 
 class SparseUpdateCallback(ChannelFreezing):
@@ -452,8 +452,6 @@ class SparseUpdateCallback(ChannelFreezing):
             refresh_every=refresh_every,
             seed=seed,
         )
-        self.budget: ChannelBudget | None = None
-        self._loaded: dict[str, Any] | None = None
 
     def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -464,13 +462,10 @@ class SparseUpdateCallback(ChannelFreezing):
             )
         dm = trainer.datamodule
         example = dm.example_input(min(dm.batch_size, len(dm.train_dataset)))
-        self.budget = ChannelBudget(
+        budget = self.method = ChannelBudget(
             pl_module.net, example_input=example.to(pl_module.device), **self.options
         )
-        if self._loaded is not None:
-            self.budget.load_state_dict(self._loaded)
-            self._loaded = None
-        else:
+        if not self.restore():
             samples = list(
                 itertools.islice(_train_samples(trainer), self.rank_batches * dm.batch_size)
             )
@@ -481,11 +476,11 @@ class SparseUpdateCallback(ChannelFreezing):
                 )
                 for i in range(0, len(samples), dm.batch_size)
             ]
-            self.budget.rank_layers(batches, max_batches=self.rank_batches)
-        pl_module.net = self.budget.apply()
+            budget.rank_layers(batches, max_batches=self.rank_batches)
+        pl_module.net = budget.apply()
         self._swapped = True  # densified at the end of the fit (ChannelFreezing.on_fit_end)
         trainer.strategy.setup_optimizers(trainer)  # over what trains now
-        plan = self.budget.plan()
+        plan = budget.plan()
         log.info(
             "sparse update: %d layers kept (%s), %d of %d budget bytes planned",
             len(plan.layers),
@@ -497,30 +492,24 @@ class SparseUpdateCallback(ChannelFreezing):
     def mask_for_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> NeuronMask:
-        assert self.budget is not None
-        if epoch > 0 and self.budget.state_dict()["epoch"] != epoch:
-            self.budget.resample(epoch)
-        return self.budget.neuron_mask()
+        budget: ChannelBudget = self.method
+        if epoch > 0 and budget.state_dict()["epoch"] != epoch:
+            budget.resample(epoch)
+        return budget.neuron_mask()
 
     def after_epoch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> dict[str, float]:
-        assert self.budget is not None
+        budget: ChannelBudget = self.method
         return {
-            "efficient/budget": self.budget.budget_bytes / self.budget.full_bytes,
-            "efficient/budget_mb": self.budget.budget_bytes / 1e6,
+            "efficient/budget": budget.budget_bytes / budget.full_bytes,
+            "efficient/budget_mb": budget.budget_bytes / 1e6,
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         for p in pl_module.net.parameters():  # a later stage trains the whole model again
             p.requires_grad_(True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget.state_dict()} if self.budget is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict.get("budget")
 
 
 class NeVeCallback(pl.Callback):
