@@ -39,6 +39,9 @@ class StepContext:
     step: int = 0
     epoch: int = 0
     stage: str = "train"
+    extra: tuple[Any, ...] = ()
+    """Elements of the batch after ``(input, target)``, e.g. the bias label ``b`` of the
+    fairness datasets' ``(x, y, b)`` samples."""
 
 
 class Regularizer(nn.Module):

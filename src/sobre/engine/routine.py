@@ -141,8 +141,8 @@ class ClassificationRoutine(pl.LightningModule):
             return contextlib.nullcontext(None)
         return FeatureTap(self.net, list(dict.fromkeys(selectors)), detach=False)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, *extra = batch  # (x, y) or (x, y, b, ...): extras reach methods as ctx.extra
         with self._tap() as tap:
             logits = self.net(x)
         ctx = StepContext(
@@ -154,6 +154,7 @@ class ClassificationRoutine(pl.LightningModule):
             step=self.global_step,
             epoch=self.current_epoch,
             stage="train",
+            extra=tuple(extra),
         )
         m = num_members(self.net)
         task = self.criterion(logits, member_targets(y, m) if m > 1 else y)  # mean over members
@@ -171,8 +172,8 @@ class ClassificationRoutine(pl.LightningModule):
         self.log("train/acc", self.acc["train_acc"], on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: Stage) -> None:
-        x, y = batch
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: Stage) -> None:
+        x, y = batch[0], batch[1]
         logits = self.net(x)
         m = num_members(self.net)
         probs = _mean_probs(logits, m)
@@ -182,10 +183,10 @@ class ClassificationRoutine(pl.LightningModule):
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", self.acc[f"{stage}_acc"], on_epoch=True, prog_bar=True)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_train_batch_end(self, *args: Any) -> None:
