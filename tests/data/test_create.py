@@ -12,6 +12,7 @@ from sobre.core.errors import ConfigError, UnknownNameError
 
 def test_every_dataset_is_registered() -> None:
     assert data.DATASETS.names() == [
+        "biased_mnist",
         "cifar10",
         "cifar100",
         "digits",

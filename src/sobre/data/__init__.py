@@ -9,6 +9,7 @@ depends on ``(seed, e)`` only, so resumed runs are exact. Nothing is ever downlo
 - ``cifar10``/``cifar100``: the official python batches in a local folder.
 - ``imagefolder``: any local ``root/train/<class>/*`` image tree.
 - ``synthetic``: learnable random tensors of any shape, for tests.
+- ``biased_mnist``: Biased-MNIST (background colour) from mnist5k, samples ``(x, y, b)``.
 - ``ood``: out-of-distribution and shifted evaluation sets (``OOD_SETS``, ``ood_dataset``):
   photo crops, inverted and noisy/blurred MNIST offline; SVHN and CIFAR-10-C from local files.
 
@@ -33,6 +34,7 @@ from sobre.data.base import (
     default_data_root,
     stratified_split,
 )
+from sobre.data.biased import BiasedMNISTDataModule, biased_mnist_datasets, colour_mnist
 from sobre.data.cifar import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -68,6 +70,7 @@ __all__ = [
     "DEFAULT_DATASET",
     "OOD_SETS",
     "UNKNOWN",
+    "BiasedMNISTDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CropFlipDataset",
@@ -81,9 +84,11 @@ __all__ = [
     "Splits",
     "SyntheticDataModule",
     "UnsafePickleError",
+    "biased_mnist_datasets",
     "cifar10_datasets",
     "cifar10c",
     "cifar100_datasets",
+    "colour_mnist",
     "create",
     "datamodule_parameters",
     "default_data_root",
