@@ -47,6 +47,29 @@ assert not bad, bad
             ),
         ),
         ("sobre.uncertainty", ("lightning", "sobre.engine", "sobre.data", "sobre.prune")),
+        (
+            "sobre.efficient",
+            (
+                "lightning",
+                "sobre.engine",
+                "sobre.data",
+                "sobre.prune",
+                "sobre.uncertainty",
+                "sobre.fairness",
+                "matplotlib",
+            ),
+        ),
+        (
+            "sobre.fairness",
+            (
+                "lightning",
+                "sobre.engine",
+                "sobre.data",
+                "sobre.prune",
+                "sobre.uncertainty",
+                "sobre.efficient",
+            ),
+        ),
     ],
 )
 def test_import_boundaries(module, forbidden):
