@@ -3,6 +3,9 @@
 - ``metrics``: bias metrics over groups g = (y, b) of label and bias label — per-group,
   unbiased, bias-aligned / conflicting, worst-group and training-weighted average accuracy,
   ``BiasReport`` and explicit checkpoint selection (``select_checkpoint``).
+- ``probe``: leakage of an attribute from frozen features (``bias_accuracy`` of the bias spec,
+  the DisP / IRENE attack probe): ``features_of`` records a layer's pooled output, ``leakage``
+  trains a fresh linear or MLP probe on it and returns its test accuracy.
 
 Debiasing methods (losses, trainers, post-hoc edits) are to come in this family.
 """
@@ -19,15 +22,19 @@ from sobre.fairness.metrics import (
     unbiased_accuracy,
     worst_group_accuracy,
 )
+from sobre.fairness.probe import ProbeKind, features_of, leakage
 
 __all__ = [
     "BiasReport",
+    "ProbeKind",
     "aligned_accuracy",
     "average_accuracy",
     "conflicting_accuracy",
+    "features_of",
     "group_accuracies",
     "group_counts",
     "group_proportions",
+    "leakage",
     "select_checkpoint",
     "unbiased_accuracy",
     "worst_group_accuracy",

@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 
-def _labels(values: object, arg: str, fn: str) -> Tensor:
+def as_labels(values: object, arg: str, fn: str) -> Tensor:
+    """``values`` as a 1-D int64 tensor of class indices; a ConfigError naming ``fn`` and
+    ``arg`` otherwise (shared by the metrics and the leakage probe)."""
     t = torch.as_tensor(values)
     if t.dim() != 1:
         raise ConfigError(
@@ -55,7 +57,7 @@ def _labels(values: object, arg: str, fn: str) -> Tensor:
 
 
 def _check(*named: tuple[str, object], fn: str) -> list[Tensor]:
-    ts = [_labels(v, arg, fn) for arg, v in named]
+    ts = [as_labels(v, arg, fn) for arg, v in named]
     sizes = {arg: len(t) for (arg, _), t in zip(named, ts, strict=True)}
     if len(set(sizes.values())) > 1:
         raise ConfigError(
