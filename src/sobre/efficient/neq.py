@@ -47,7 +47,7 @@ from sobre.core.measure import backward_flops
 from sobre.core.registry import suggest
 from sobre.core.taps import Selector, resolve_modules
 from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
-from sobre.efficient.probe import PROBED, ProbeOutputs, probe_inputs
+from sobre.efficient.probe import PROBED, ProbeOutputs, cosine, probe_inputs
 from sobre.efficient.sparse import ChannelSparseConv2d, ChannelSparseLinear, set_trainable
 
 __all__ = [
@@ -106,12 +106,7 @@ def similarity(current: Tensor, previous: Tensor) -> Tensor:
             f"cannot compare outputs of shape {tuple(current.shape)} with the previous epoch's "
             f"{tuple(previous.shape)}; the probe set and the model must stay the same"
         )
-    a, b = current.float(), previous.float()
-    na, nb = a.norm(dim=-1), b.norm(dim=-1)
-    nonzero = (na > 0) & (nb > 0)
-    cos = (a * b).sum(-1) / (na * nb).where(nonzero, torch.ones_like(na))
-    cos = torch.where(nonzero, cos.clamp(-1.0, 1.0), ((na == 0) & (nb == 0)).float())
-    return cos.mean(dim=1)
+    return cosine(current.float(), previous.float()).mean(dim=1)
 
 
 def velocity_step(

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from sobre.core.errors import ConfigError
 from sobre.core.registry import suggest
 from sobre.core.taps import Selector
-from sobre.efficient.probe import ProbeOutputs, noise_probe, probe_inputs
+from sobre.efficient.probe import ProbeOutputs, cosine, noise_probe, probe_inputs
 
 __all__ = [
     "NEVE_TARGETS",
@@ -87,9 +87,7 @@ def neuron_similarity(current: Tensor, previous: Tensor) -> Tensor:
         )
     a = current.reshape(current.shape[0], -1).double()
     b = previous.reshape(previous.shape[0], -1).double()
-    norms = a.norm(dim=1) * b.norm(dim=1)
-    cos = torch.linalg.vecdot(a, b) / norms.clamp(min=torch.finfo(torch.float64).tiny)
-    cos = torch.where(norms > 0, cos, torch.zeros_like(cos)).clamp(-1.0, 1.0)
+    cos = cosine(a, b)
     return torch.where((a == b).all(dim=1), torch.ones_like(cos), cos)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from sobre.core.errors import ConfigError
 from sobre.core.taps import FeatureTap, Selector
 
-__all__ = ["PROBED", "ProbeOutputs", "noise_probe", "probe_inputs"]
+__all__ = ["PROBED", "ProbeOutputs", "cosine", "noise_probe", "probe_inputs"]
 
 PROBED: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.BatchNorm2d)
 """NEq's neurons: output channels of every Conv2d and every BatchNorm2d, counted separately."""
@@ -119,6 +119,16 @@ def noise_probe(
     else:
         x = (0.5 + 0.25 * torch.randn(full, generator=g)).clamp_(0.0, 1.0)
     return list(x.split(batch_size))
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of ``a`` and ``b`` along their last dimension, in their dtype, with the
+    convention of the velocity methods: two all-zero vectors count as 1 (nothing changed), one
+    all-zero vector as 0; clamped to [-1, 1]."""
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    nonzero = (na > 0) & (nb > 0)
+    cos = (a * b).sum(-1) / (na * nb).where(nonzero, torch.ones_like(na))
+    return torch.where(nonzero, cos.clamp(-1.0, 1.0), ((na == 0) & (nb == 0)).to(cos.dtype))
 
 
 def _channel_major(t: Tensor, channel_dim: int) -> Tensor:
