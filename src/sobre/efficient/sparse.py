@@ -735,7 +735,24 @@ class _MaskReLUFn(torch.autograd.Function):
         return g * keep, None, None, None
 
 
-class BitMaskReLU(nn.ReLU):
+class _SavesMask:
+    """Shared by the bit-mask activations: the constructor flag and the masked forward (the cap
+    is ReLU6's ``max_val``, none for ReLU)."""
+
+    packed: bool
+    inplace: bool
+
+    def __init__(self, inplace: bool = False, packed: bool = True) -> None:
+        super().__init__(inplace)  # type: ignore[call-arg]
+        self.packed = packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)  # type: ignore[misc]
+        return _MaskReLUFn.apply(x, getattr(self, "max_val", None), self.inplace, self.packed)
+
+
+class BitMaskReLU(_SavesMask, nn.ReLU):
     """``nn.ReLU`` that saves a bit mask (``packed``, 1 bit per entry) or a bool mask (1 byte)
     for backward instead of its 4-byte output.
 
@@ -743,31 +760,9 @@ class BitMaskReLU(nn.ReLU):
     this output saves it anyway); :func:`mask_relus` swaps it in where it does.
     """
 
-    packed: bool
 
-    def __init__(self, inplace: bool = False, packed: bool = True) -> None:
-        super().__init__(inplace)
-        self.packed = packed
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        return _MaskReLUFn.apply(x, None, self.inplace, self.packed)
-
-
-class BitMaskReLU6(nn.ReLU6):
+class BitMaskReLU6(_SavesMask, nn.ReLU6):
     """``nn.ReLU6`` saving a mask instead of its output, as :class:`BitMaskReLU`."""
-
-    packed: bool
-
-    def __init__(self, inplace: bool = False, packed: bool = True) -> None:
-        super().__init__(inplace)
-        self.packed = packed
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        return _MaskReLUFn.apply(x, self.max_val, self.inplace, self.packed)
 
 
 _MASK_RELU: dict[type[nn.Module], type[nn.Module]] = {
