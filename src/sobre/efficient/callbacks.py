@@ -493,7 +493,7 @@ class SparseUpdateCallback(ChannelFreezing):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int
     ) -> NeuronMask:
         budget: ChannelBudget = self.method
-        if epoch > 0 and budget.state_dict()["epoch"] != epoch:
+        if not _decided(budget.epoch, epoch):  # apply() drew epoch 0, a resume its own epoch
             budget.resample(epoch)
         return budget.neuron_mask()
 

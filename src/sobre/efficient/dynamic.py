@@ -784,6 +784,11 @@ class ChannelBudget:
         :func:`~sobre.core.measure.saved_activation_bytes` (default input: ``example_input``)."""
         return saved_activation_bytes(self.model, self.example_input if inputs is None else inputs)
 
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the selection in force (None before :meth:`apply`)."""
+        return self._epoch
+
     def selection(self) -> dict[str, Tensor]:
         """The input channels in force: layer -> bool mask (a copy)."""
         return {name: s.clone() for name, s in self._selection.items()}
