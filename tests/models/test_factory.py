@@ -21,6 +21,8 @@ OURS = [
     "resnet32",
     "resnet56",
     "resnet8",
+    "simple_conv",
+    "simple_conv_s",
     "small_cnn",
     "vit_tiny28",
 ]
