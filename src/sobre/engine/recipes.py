@@ -27,7 +27,7 @@ from sobre.core.registry import suggest
 SECTIONS = ("name", "seed", "data", "model", "trainer", "methods", "stages", "evaluate", "meta")
 DEFAULT_ROUTINE = "sobre.engine.routine.ClassificationRoutine"
 STAGE_KEYS = ("name", "max_epochs", "lr", "transforms", "methods", "trainer", "repeat", "data")
-EVALUATE_KEYS = ("test", "measure", "report", "checkpoint")
+EVALUATE_KEYS = ("test", "measure", "report", "checkpoint", "monitor")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -241,8 +241,15 @@ def normalize(recipe: Mapping[str, Any]) -> dict[str, Any]:
     _check_keys(list(evaluate), EVALUATE_KEYS, "evaluate")
     if evaluate.get("checkpoint", "best") not in ("best", "final"):
         raise ConfigError(
-            f"evaluate.checkpoint is 'best' (best val/acc of the last stage) or 'final' (its last "
-            f"weights, e.g. when a method prunes during the stage), got {evaluate['checkpoint']!r}"
+            f"evaluate.checkpoint is 'best' (best evaluate.monitor, val/acc by default, of the "
+            f"last stage) or 'final' (its last weights, e.g. when a method prunes during the "
+            f"stage), got {evaluate['checkpoint']!r}"
+        )
+    monitor = evaluate.get("monitor", "val/acc")
+    if not isinstance(monitor, str) or not monitor.startswith("val/"):
+        raise ConfigError(
+            f"evaluate.monitor names the validation metric selecting the best checkpoint (the "
+            f"model-selection rule), e.g. val/acc or val/unbiased; got {monitor!r}"
         )
     for i, stage in enumerate(out.get("stages") or []):
         if not isinstance(stage, dict):

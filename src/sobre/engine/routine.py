@@ -172,7 +172,8 @@ class ClassificationRoutine(pl.LightningModule):
         self.log("train/acc", self.acc["train_acc"], on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, ...], stage: Stage) -> None:
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: Stage) -> Tensor:
+        """Log the stage's loss and accuracy; the predicted classes go to callbacks' ``outputs``."""
         x, y = batch[0], batch[1]
         logits = self.net(x)
         m = num_members(self.net)
@@ -182,12 +183,13 @@ class ClassificationRoutine(pl.LightningModule):
         loss = self.criterion(logits, y) if m == 1 else F.nll_loss(probs.clamp_min(1e-12).log(), y)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", self.acc[f"{stage}_acc"], on_epoch=True, prog_bar=True)
+        return probs.argmax(-1)
 
-    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.step_context = None  # free the graph-holding features

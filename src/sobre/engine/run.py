@@ -355,7 +355,15 @@ class _Run:
             self.bind_stage_model(method)
         own = [_as_callback(m) for m in stage.methods]
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *self.methods, *own, *extra]
-        self.trainer = make_trainer(self.dir, stage=stage.name, info=self.info, **kwargs)
+        monitor = self.cfg.evaluate.get("monitor", "val/acc")
+        self.trainer = make_trainer(
+            self.dir,
+            stage=stage.name,
+            info=self.info,
+            monitor=monitor,
+            mode="min" if monitor.endswith("loss") else "max",
+            **kwargs,
+        )
         self.trainer.fit(
             self.routine,
             datamodule=self.datamodule,

@@ -1,0 +1,139 @@
+"""Lightning side of the fairness family: ``BiasMetrics`` logs the bias metrics of every
+validation and test epoch of an (x, y, b) datamodule, so runs report and select by them.
+
+Imported on first use (``sobre.fairness.BiasMetrics``): the rest of the family is Lightning-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from sobre.core.errors import ConfigError
+from sobre.core.members import num_members, split_members
+from sobre.fairness.metrics import AlignedBias, BiasReport, group_proportions
+
+STAGES = ("val", "test")
+
+
+class BiasMetrics(Callback):
+    """Log ``<stage>/unbiased``, ``/worst_group``, ``/aligned``, ``/conflicting`` (and, at test,
+    ``/average`` and ``test/group/y=..,b=..``) from the routine's predictions on (x, y, b)
+    batches; at test also ``test/biased_acc`` on the datamodule's ``biased_test_dataset``.
+
+    The predictions are the routine's eval-step outputs (no second forward); on several
+    processes they are gathered first, so every rank logs the same numbers. Select the model by
+    one of them with ``evaluate: {monitor: val/unbiased}`` in a recipe.
+
+    Args:
+        aligned: the bias value aligned with each class (default ``b == y``), see
+            :func:`sobre.fairness.metrics.aligned_accuracy`.
+        groups: log each group's test accuracy (``test/group/...``, for the report heat-map).
+        average: also log ``test/average`` weighted by the training group proportions.
+    """
+
+    def __init__(
+        self, aligned: AlignedBias = None, groups: bool = True, average: bool = True
+    ) -> None:
+        super().__init__()
+        self.aligned, self.groups, self.average = aligned, groups, average
+        self._seen: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {s: [] for s in STAGES}
+
+    def _collect(self, stage: str, outputs: Any, batch: Any) -> None:
+        if not isinstance(batch, list | tuple) or len(batch) < 3:
+            raise ConfigError(
+                "BiasMetrics needs (x, y, b) batches: use a dataset with bias labels "
+                "(biased_mnist, colored_mnist, waterbirds, ...) or drop the callback"
+            )
+        if not isinstance(outputs, Tensor):
+            raise ConfigError(
+                "BiasMetrics reads the predicted classes the routine's validation/test step "
+                f"returns; this LightningModule returned {type(outputs).__name__}"
+            )
+        self._seen[stage].append((outputs.detach(), batch[1].detach(), batch[2].detach()))
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._collect("val", outputs, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect("test", outputs, batch)
+
+    def _gathered(self, stage: str, pl_module: pl.LightningModule) -> tuple[Tensor, ...] | None:
+        seen, self._seen[stage] = self._seen[stage], []
+        if not seen:
+            return None
+        parts = [torch.cat(t) for t in zip(*seen, strict=True)]
+        if pl_module.trainer.world_size > 1:  # equal-length shards (DistributedSampler pads)
+            parts = [pl_module.all_gather(t).reshape(-1) for t in parts]
+        return tuple(p.cpu() for p in parts)
+
+    def _train_weights(self, trainer: pl.Trainer) -> Mapping[tuple[int, int], float] | None:
+        data = getattr(trainer, "datamodule", None)
+        train = getattr(data, "train_dataset", None) if data is not None else None
+        tensors = getattr(train, "tensors", None)
+        if not self.average or tensors is None or len(tensors) < 3:
+            return None
+        return group_proportions(tensors[1], tensors[2])
+
+    def _log(self, stage: str, pl_module: pl.LightningModule, report: BiasReport) -> None:
+        values = {"unbiased": report.unbiased, "worst_group": report.worst_group}
+        for key in ("aligned", "conflicting", "average"):
+            value = getattr(report, key)
+            if value is not None:
+                values[key] = value
+        if stage == "test" and self.groups:
+            values.update({f"group/y={y},b={b}": a for (y, b), a in report.group_accuracy.items()})
+        pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in values.items()}, sync_dist=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        got = None if trainer.sanity_checking else self._gathered("val", pl_module)
+        if got is not None:
+            self._log("val", pl_module, BiasReport.from_predictions(*got, aligned=self.aligned))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        got = self._gathered("test", pl_module)
+        if got is None:
+            return
+        report = BiasReport.from_predictions(
+            *got, aligned=self.aligned, train_weights=self._train_weights(trainer)
+        )
+        self._log("test", pl_module, report)
+        biased = getattr(getattr(trainer, "datamodule", None), "biased_test_dataset", None)
+        if biased is not None and len(biased) > 0:
+            pl_module.log("test/biased_acc", self._accuracy(pl_module, biased), sync_dist=False)
+
+    @torch.no_grad()
+    def _accuracy(self, pl_module: pl.LightningModule, dataset: Any) -> float:
+        """Plain accuracy on a dataset (the biased test set), computed on every rank."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=512)
+        hits = total = 0
+        for batch in loader:
+            logits = pl_module(batch[0].to(pl_module.device))
+            m = num_members(getattr(pl_module, "net", pl_module))
+            probs = split_members(logits, m).softmax(-1).mean(1) if m > 1 else logits
+            pred = probs.argmax(-1).cpu()
+            hits += int((pred == batch[1]).sum())
+            total += len(pred)
+        return hits / total

@@ -1,0 +1,67 @@
+"""BiasMetrics: a recipe on an (x, y, b) dataset logs the bias metrics per epoch and at test,
+and the recipe's ``evaluate.monitor`` selects the best checkpoint by one of them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import sobre
+from sobre.core.errors import ConfigError
+from sobre.engine.recipes import normalize
+from sobre.engine.routine import ClassificationRoutine
+from sobre.engine.trainer import make_trainer
+from sobre.fairness import BiasMetrics
+
+
+def _recipe() -> dict:
+    return {
+        "name": "bias_tiny",
+        "data": {"name": "biased_mnist", "rho": 0.95, "batch_size": 256},
+        "model": {"arch": "simple_conv_s"},
+        "trainer": {
+            "max_epochs": 2,
+            "limit_train_batches": 3,
+            "enable_progress_bar": False,
+            "callbacks": [{"class_path": "sobre.fairness.BiasMetrics"}],
+        },
+        "evaluate": {"monitor": "val/unbiased", "measure": False, "report": False},
+    }
+
+
+def test_recipe_logs_bias_metrics_and_selects_by_them(runs_dir) -> None:
+    result = sobre.fit(_recipe())
+    m = result.metrics
+    for key in ("test/unbiased", "test/worst_group", "test/aligned", "test/conflicting"):
+        assert 0.0 <= m[key] <= 1.0
+    assert 0.0 <= m["test/biased_acc"] <= 1.0 and 0.0 <= m["test/average"] <= 1.0
+    groups = [k for k in m if k.startswith("test/group/")]
+    assert len(groups) == 100  # the unbiased test holds every (y, b) pair
+    assert m["test/unbiased"] == pytest.approx(sum(m[k] for k in groups) / 100)
+    rows = list(csv.DictReader((result.run_dir / "logs" / "train" / "metrics.csv").open()))
+    val = [float(r["val/unbiased"]) for r in rows if r.get("val/unbiased")]
+    assert len(val) == 2
+    best = json.loads((result.run_dir / "checkpoints" / "train" / "best.json").read_text())
+    assert best["info"]["metrics"]["val/unbiased"] == pytest.approx(max(val), abs=1e-6)
+
+
+def test_monitor_must_be_a_validation_metric() -> None:
+    recipe = _recipe()
+    recipe["evaluate"]["monitor"] = "test/unbiased"
+    with pytest.raises(ConfigError, match="evaluate.monitor"):
+        normalize(recipe)
+
+
+def test_pairs_are_refused_with_the_fix(tmp_path) -> None:
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    routine = ClassificationRoutine(arch="small_cnn", arch_kwargs={"width": 4}, num_classes=2)
+    trainer = make_trainer(
+        tmp_path, max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[BiasMetrics()]
+    )
+    with pytest.raises(ConfigError, match=r"\(x, y, b\) batches"):
+        trainer.test(routine, dataloaders=loader, verbose=False)
