@@ -1,4 +1,4 @@
-"""The ``sobre`` command: ``fit``, ``measure``, ``report`` and ``recipes``.
+"""The ``sobre`` command: ``fit``, ``measure``, ``test``, ``report``, ``sweep`` and ``recipes``.
 
 Exit status 0 on success, 2 on bad input (the message names the problem and the fix), 1 when a
 run fails; tracebacks only with ``--debug``.
@@ -27,6 +27,8 @@ EPILOG = """examples:
   sobre test --checkpoint runs/<recipe>/<time>/checkpoints/train/best.safetensors --ood photo_crops
   sobre report runs/quickstart/<time>
   sobre report runs/imp_sdd_mnist5k_lenet/<time> runs/dsd2_mnist5k_lenet/<time> --out runs/cmp
+  sobre sweep recipes/fairness/vanilla_biased_mnist.yaml recipes/fairness/fairkl_biased_mnist.yaml \
+      --grid data.rho=0.95,0.98 --seeds 0 1 2 --out runs/sweep_bias
 """
 
 
@@ -84,6 +86,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dirs", nargs="+", metavar="run_dir")
     report.add_argument("--out", help="folder of the comparison (default: runs/compare)")
+    sweep = sub.add_parser(
+        "sweep",
+        allow_abbrev=False,
+        help="run recipes x settings x seeds and tabulate mean ± std",
+        description="Run every recipe for every combination of --grid values and every seed "
+        "(one run folder each), then write sweep.md (mean ± std over seeds, with each recipe's "
+        "model-selection rule) and sweep.json to --out; started again with the same --out it "
+        "continues where it stopped. Extra --section.key value pairs set every run.",
+    )
+    sweep.add_argument("recipes", nargs="+", metavar="recipe", help="recipe YAML files")
+    sweep.add_argument(
+        "--grid", nargs="*", default=[], help="key=v1,v2 lists to sweep, e.g. data.rho=0.95,0.98"
+    )
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default 0)")
+    sweep.add_argument("--metrics", nargs="*", help="table columns (default: test/* metrics)")
+    sweep.add_argument("--out", required=True, help="folder of sweep.md and sweep.json")
+    sweep.add_argument(
+        "--runs-dir", help="parent of run folders (default $SOBRE_RUNS_DIR or runs/)"
+    )
     recipes = sub.add_parser("recipes", help="list recipes with their paper and expected trend")
     recipes.add_argument("folder", nargs="?", default="recipes")
     return parser
@@ -109,7 +130,7 @@ def _recipes(folder: str) -> None:
 def run(argv: Sequence[str]) -> int:
     """Run the command line ``argv`` (without the program name)."""
     args, rest = _parser().parse_known_args(argv)
-    if rest and args.command not in ("fit", "test"):
+    if rest and args.command not in ("fit", "test", "sweep"):
         raise SobreError(f"unexpected arguments {' '.join(rest)!r} for `sobre {args.command}`")
     if args.command == "fit":
         from sobre.engine.run import fit
@@ -156,6 +177,20 @@ def run(argv: Sequence[str]) -> int:
             sys.stdout.write(f"{report(args.run_dirs[0])}\n")
         else:
             sys.stdout.write(f"{compare(args.run_dirs, args.out or 'runs/compare')}\n")
+    elif args.command == "sweep":
+        from sobre.engine.recipes import parse_overrides
+        from sobre.engine.sweep import parse_grid, sweep
+
+        result = sweep(
+            args.recipes,
+            out_dir=args.out,
+            grid=parse_grid(args.grid),
+            seeds=args.seeds,
+            overrides=parse_overrides(rest) if rest else None,
+            metrics=args.metrics or None,
+            runs_dir=args.runs_dir,
+        )
+        sys.stdout.write(f"{result.table}\n\n{result.out_dir / 'sweep.md'}\n")
     else:
         _recipes(args.folder)
     return 0
