@@ -138,7 +138,11 @@ def run(argv: Sequence[str]) -> int:
         if args.config is None and args.resume is None:
             raise SobreError("`sobre fit` needs --config RECIPE.yaml (or --resume RUN_DIR)")
         result = fit(args.config, overrides=rest, runs_dir=args.runs_dir, resume=args.resume)
-        shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+        shown = {  # per-group metrics stay in metrics.json and the report's heat-map
+            k: round(v, 4)
+            for k, v in result.metrics.items()
+            if isinstance(v, float) and "/group/" not in k
+        }
         sys.stdout.write(f"run folder: {result.run_dir}\n{json.dumps(shown, indent=1)}\n")
     elif args.command == "measure":
         import torch
