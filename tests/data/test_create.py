@@ -12,14 +12,20 @@ from sobre.core.errors import ConfigError, UnknownNameError
 
 def test_every_dataset_is_registered() -> None:
     assert data.DATASETS.names() == [
+        "bffhq",
+        "biased_celeba",
         "biased_mnist",
         "cifar10",
         "cifar100",
+        "colored_mnist",
+        "corrupted_cifar10",
         "digits",
         "imagefolder",
+        "imagenet9",
         "mnist1d",
         "mnist5k",
         "synthetic",
+        "waterbirds",
     ]
     assert data.DEFAULT_DATASET == "mnist5k"
     assert all(data.DATASETS.get(n).name == n for n in data.DATASETS.names())
@@ -42,7 +48,7 @@ def test_unknown_name_suggests_the_closest() -> None:
         data.create("mnsit5k")
     message = str(info.value)
     assert "did you mean 'mnist5k'" in message
-    assert "cifar10, cifar100, digits, imagefolder, mnist1d, mnist5k, synthetic" in message
+    assert "digits, imagefolder, imagenet9, mnist1d, mnist5k, synthetic, waterbirds" in message
 
 
 @pytest.mark.parametrize(

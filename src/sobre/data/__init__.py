@@ -10,6 +10,9 @@ depends on ``(seed, e)`` only, so resumed runs are exact. Nothing is ever downlo
 - ``imagefolder``: any local ``root/train/<class>/*`` image tree.
 - ``synthetic``: learnable random tensors of any shape, for tests.
 - ``biased_mnist``: Biased-MNIST (background colour) from mnist5k, samples ``(x, y, b)``.
+- ``colored_mnist``, ``corrupted_cifar10``, ``bffhq``, ``biased_celeba``, ``waterbirds``,
+  ``imagenet9``: bias benchmarks read from local folders (``bias_folders``), samples
+  ``(x, y, b)``; ``corrupt`` applies the 10 cheap ``CORRUPTIONS`` to any image tensor.
 - ``ood``: out-of-distribution and shifted evaluation sets (``OOD_SETS``, ``ood_dataset``):
   photo crops, inverted and noisy/blurred MNIST offline; SVHN and CIFAR-10-C from local files.
 
@@ -33,6 +36,16 @@ from sobre.data.base import (
     datamodule_parameters,
     default_data_root,
     stratified_split,
+)
+from sobre.data.bias_folders import (
+    CORRUPTIONS,
+    BFFHQDataModule,
+    BiasedCelebADataModule,
+    ColoredMNISTDataModule,
+    CorruptedCIFAR10DataModule,
+    ImageNet9DataModule,
+    WaterbirdsDataModule,
+    corrupt,
 )
 from sobre.data.biased import BiasedMNISTDataModule, biased_mnist_datasets, colour_mnist
 from sobre.data.cifar import (
@@ -66,17 +79,23 @@ from sobre.data.sampler import EpochSampler
 from sobre.data.synthetic import SyntheticDataModule, synthetic_datasets
 
 __all__ = [
+    "CORRUPTIONS",
     "DATASETS",
     "DEFAULT_DATASET",
     "OOD_SETS",
     "UNKNOWN",
+    "BFFHQDataModule",
+    "BiasedCelebADataModule",
     "BiasedMNISTDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "ColoredMNISTDataModule",
+    "CorruptedCIFAR10DataModule",
     "CropFlipDataset",
     "DigitsDataModule",
     "EpochSampler",
     "ImageFolderDataModule",
+    "ImageNet9DataModule",
     "MNIST1DDataModule",
     "MNIST5kDataModule",
     "RestrictedUnpickler",
@@ -84,11 +103,13 @@ __all__ = [
     "Splits",
     "SyntheticDataModule",
     "UnsafePickleError",
+    "WaterbirdsDataModule",
     "biased_mnist_datasets",
     "cifar10_datasets",
     "cifar10c",
     "cifar100_datasets",
     "colour_mnist",
+    "corrupt",
     "create",
     "datamodule_parameters",
     "default_data_root",

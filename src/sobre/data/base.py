@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +42,19 @@ def default_data_root() -> Path:
     """Where local datasets live: ``$SOBRE_DATA_DIR`` if set, else ``~/.cache/sobre/data``."""
     env = os.environ.get("SOBRE_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sobre" / "data"
+
+
+def refuse_label_wrappers(name: str, options: dict[str, Any]) -> None:
+    """Refuse ``label_noise`` / ``classes`` for datasets of ``(x, y, b)`` samples.
+
+    :mod:`sobre.core.labels` serves ``(x, y)`` pairs and would drop the bias label ``b``.
+    """
+    for key in ("label_noise", "classes"):
+        if options.get(key):
+            raise ConfigError(
+                f"{name} does not support {key}={options[key]!r}: its samples are (x, y, b) "
+                f"and sobre.core.labels serves (x, y), dropping the bias label b; remove {key}"
+            )
 
 
 def check_int(name: str, value: object, minimum: int) -> int:

@@ -23,7 +23,14 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from sobre.core.errors import ConfigError
-from sobre.data.base import DATASETS, SobreDataModule, Splits, check_int, stratified_split
+from sobre.data.base import (
+    DATASETS,
+    SobreDataModule,
+    Splits,
+    check_int,
+    refuse_label_wrappers,
+    stratified_split,
+)
 from sobre.data.packaged import _DIGIT_NAMES, _mnist5k_arrays
 
 __all__ = [
@@ -310,13 +317,7 @@ class BiasedMNISTDataModule(SobreDataModule):
         data_seed: int | None = None,
         **common: Any,
     ) -> None:
-        for key in ("label_noise", "classes"):
-            if common.get(key):
-                raise ConfigError(
-                    f"biased_mnist does not support {key}={common[key]!r}: its samples are "
-                    f"(x, y, b) and sobre.core.labels serves (x, y), dropping the bias label b; "
-                    f"remove {key}"
-                )
+        refuse_label_wrappers(self.name, common)
         super().__init__(**common)
         check_rho(rho)
         check_palette(palette)
