@@ -4,6 +4,7 @@ rule; an interrupted sweep continues without re-running finished combinations.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,6 +38,13 @@ def test_sweep_runs_every_combination_and_resumes(two_recipes, tmp_path, runs_di
         (0.02, 0),
         (0.02, 1),
     }
+    seeds = {
+        yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())["data"]["init_args"][
+            "seed"
+        ]
+        for r in result.runs
+    }
+    assert seeds == {0, 1}  # the seed reaches the data too (order, seeded generation)
     table = (out / "sweep.md").read_text()
     assert "best val/acc (max) of the last stage" in table and "(n=2)" in table
     assert "test/acc" in table

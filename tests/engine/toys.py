@@ -177,3 +177,32 @@ class EditAtLastEpoch(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == trainer.max_epochs - 1:
             pl_module.net = make_identity(pl_module.net, site=self.site)
+
+
+class EasierHalf:
+    """A DatasetTransform for stage tests: keeps the half of the training set the model gets
+    the lowest loss on. ``calls`` (class-wide) records "apply" / "restore" for the tests."""
+
+    calls: list[str] = []  # noqa: RUF012 - shared record on purpose
+
+    def apply_dataset(self, model: nn.Module, dataset) -> tuple[object, dict[str, Tensor]]:
+        from torch.utils.data import DataLoader, Subset
+
+        model.eval()
+        with torch.no_grad():
+            losses = torch.cat(
+                [
+                    nn.functional.cross_entropy(model(x), y, reduction="none")
+                    for x, y in DataLoader(dataset, batch_size=64)
+                ]
+            )
+        model.train()
+        keep = losses.argsort()[: len(losses) // 2].sort().values
+        EasierHalf.calls.append("apply")
+        return Subset(dataset, keep.tolist()), {"indices": keep}
+
+    def restore_dataset(self, dataset, state) -> object:
+        from torch.utils.data import Subset
+
+        EasierHalf.calls.append("restore")
+        return Subset(dataset, state["indices"].tolist())

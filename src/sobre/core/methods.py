@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 
 @dataclass
@@ -108,6 +109,23 @@ class ModelTransform(Protocol):
     """A structure edit applied between fit stages: ``apply(model) -> model``."""
 
     def apply(self, model: nn.Module) -> nn.Module: ...
+
+
+@runtime_checkable
+class DatasetTransform(Protocol):
+    """Rewrites the training set between fit stages from the model the last stage left (e.g.
+    pseudo bias labels, upsampling the misclassified samples).
+
+    ``apply_dataset`` returns the new training set and the tensors it was derived from; the
+    engine saves them in the run folder, and a resumed run rebuilds the same set with
+    ``restore_dataset`` instead of recomputing it from weights it no longer holds.
+    """
+
+    def apply_dataset(
+        self, model: nn.Module, dataset: Dataset
+    ) -> tuple[Dataset, dict[str, Tensor]]: ...
+
+    def restore_dataset(self, dataset: Dataset, state: Mapping[str, Tensor]) -> Dataset: ...
 
 
 @runtime_checkable

@@ -245,6 +245,11 @@ class SobreDataModule(pl.LightningDataModule):
         """The training split."""
         return self._built()[0]
 
+    def replace_train_dataset(self, dataset: Dataset[Sample]) -> None:
+        """Train on ``dataset`` from now on (a stage's ``DatasetTransform``); val and test stay."""
+        _, val, test = self._built()
+        self._splits = (dataset, val, test)
+
     @property
     def val_dataset(self) -> Dataset[Sample]:
         """The validation split."""

@@ -32,8 +32,8 @@ from sobre.core.edits import edit_log, replay
 from sobre.core.errors import CheckpointError, ConfigError, SobreError
 from sobre.core.masks import restore_masks
 from sobre.core.measure import measure
-from sobre.core.methods import NeedsStageModel, Regularizer
-from sobre.core.serialization import atomic_write_text, load_tree, read_info
+from sobre.core.methods import DatasetTransform, NeedsStageModel, Regularizer
+from sobre.core.serialization import atomic_write_text, load_tree, read_info, save_tree
 from sobre.data.base import check_keywords, datamodule_parameters
 from sobre.engine.callbacks import MethodCallback
 from sobre.engine.recipes import (
@@ -52,7 +52,8 @@ MEASURE_BATCH = 2  # batch norm needs more than one value per channel in trainin
 
 @dataclass
 class Stage:
-    """One fit of a recipe. ``transforms`` (ModelTransform objects) run before it starts.
+    """One fit of a recipe. ``transforms`` (ModelTransform or DatasetTransform objects) run
+    before it starts; a DatasetTransform's training set is used by this stage and the later ones.
 
     A transform whose ``apply`` takes a ``loader`` argument receives the training loader (e.g. to
     measure activation entropy); one with a ``report()`` method has it stored with the stage's
@@ -272,6 +273,7 @@ class _Run:
         self.stage_metrics: dict[str, float] = {}
         self.transform_reports: list[dict[str, Any]] = self.state.get("transform_reports", [])
         self.in_memory: str | None = None  # the stage whose final weights the routine holds
+        self.datasets_applied: set[tuple[str, int]] = set()  # (stage, transform index) applied
         self.env = environment()
         self.data_args = dict(recipe["data"].get("init_args") or {})
         self.stage_data = {repr(sorted(self.data_args.items())): self.datamodule}
@@ -337,6 +339,7 @@ class _Run:
         last = ckpt_dir / "last.safetensors"
         if last.is_file():  # resuming this stage: rebuild its structure, Lightning loads the rest
             self.routine.net = replay(self.routine.net, read_info(last).get("edits", []))
+            self.restore_datasets(index)
         else:
             if index > 0 and self.in_memory != self.stages[index - 1].name:
                 # resumed in a new process: start from the previous stage's final weights
@@ -344,7 +347,10 @@ class _Run:
                     self.routine,
                     ckpt_dir.parent / self.stages[index - 1].name / "final.safetensors",
                 )
-            self.transform_reports = [self.apply_transform(t) for t in stage.transforms]
+            self.restore_datasets(index - 1)
+            self.transform_reports = [
+                self.apply_transform(stage.name, i, t) for i, t in enumerate(stage.transforms)
+            ]
             self.save_state(transform_reports=self.transform_reports)  # kept for a resume
         if stage.lr is not None:
             self.routine.lr = stage.lr
@@ -396,12 +402,46 @@ class _Run:
             self.teachers[name] = load(self.dir / "checkpoints" / name / "final.safetensors").net
         method.bind_stage_model(self.teachers[name])
 
-    def apply_transform(self, transform: Any) -> dict[str, Any]:
-        """Apply a stage transform (with the training loader if it asks for one)."""
+    def dataset_state(self, stage: str, i: int) -> Path:
+        return self.dir / "checkpoints" / stage / f"dataset_transform_{i}.safetensors"
+
+    def restore_datasets(self, index: int) -> None:
+        """Rebuild the training sets the dataset transforms of stages ``0..index`` made, from
+        their saved tensors, unless this process already holds them."""
+        for stage in self.stages[: index + 1]:
+            for i, transform in enumerate(stage.transforms):
+                key = (stage.name, i)
+                path = self.dataset_state(*key)
+                if not isinstance(transform, DatasetTransform) or key in self.datasets_applied:
+                    continue
+                if path.is_file():
+                    state, _ = load_tree(path)
+                    self.datamodule.replace_train_dataset(
+                        transform.restore_dataset(self.datamodule.train_dataset, state)
+                    )
+                    self.datasets_applied.add(key)
+
+    def apply_transform(self, stage: str, i: int, transform: Any) -> dict[str, Any]:
+        """Apply a stage transform (with the training loader if it asks for one); a
+        ``DatasetTransform`` replaces the training set and its tensors are saved for a resume."""
+        if isinstance(transform, DatasetTransform):
+            self.datamodule.setup("fit")
+            dataset, state = transform.apply_dataset(
+                self.routine.net, self.datamodule.train_dataset
+            )
+            self.datamodule.replace_train_dataset(dataset)
+            self.datasets_applied.add((stage, i))
+            if self.is_zero:
+                path = self.dataset_state(stage, i)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_tree(state, path, info={"stage": stage, "transform": type(transform).__name__})
+            report = getattr(transform, "report", None)
+            extra = report() if callable(report) else {}
+            return {"transform": type(transform).__name__, **extra}
         if getattr(type(transform), "apply", None) in (None, nn.Module.apply):
             raise ConfigError(
                 f"{type(transform).__name__} is not a ModelTransform: it needs "
-                "apply(model) -> model"
+                "apply(model) -> model (or apply_dataset(model, dataset) for a DatasetTransform)"
             )
         kwargs = {}
         if "loader" in inspect.signature(transform.apply).parameters:

@@ -117,7 +117,8 @@ def sweep(
         out_dir: where ``sweep.json`` and ``sweep.md`` go; an existing ``sweep.json`` there is
             continued (finished combinations are not run again).
         grid: dotted recipe keys -> values to sweep (e.g. ``{"data.rho": [0.95, 0.98]}``).
-        seeds: values of the recipes' ``seed``.
+        seeds: values of the recipes' ``seed`` and ``data.seed`` (initialisation, data order and
+            any seeded data generation such as Biased-MNIST's colouring).
         overrides: dotted keys set in every run (e.g. ``{"trainer.max_epochs": 8}``).
         metrics: columns of the table (default: every ``test/*`` metric but per-group ones).
         runs_dir: parent of the run folders (default ``$SOBRE_RUNS_DIR`` or ``runs/``).
@@ -150,7 +151,8 @@ def sweep(
         if _key(record) in finished:
             continue
         log.info("sweep %d/%d: %s %s seed %d", i + 1, total, record["recipe"], setting, seed)
-        result = fit({**recipe, "seed": seed}, runs_dir=runs_dir)
+        # the seed drives everything random: initialisation and the data's order and colouring
+        result = fit(apply_overrides(recipe, {"seed": seed, "data.seed": seed}), runs_dir=runs_dir)
         record.update(selection=rule, run_dir=str(result.run_dir), metrics=result.metrics)
         done.append(record)
         atomic_write_text(state, json.dumps(done, indent=1))
