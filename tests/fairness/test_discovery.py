@@ -14,9 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sobre.core.errors import ConfigError
+from sobre.core.methods import DatasetTransform
 from sobre.fairness.base import train
 from sobre.fairness.discovery import (
     GCELoss,
+    PseudoBias,
     biasedness,
     discover_bias,
     kmeans,
@@ -201,3 +203,17 @@ def test_biasedness_of_a_bias_classifier_and_of_an_oracle() -> None:
     assert oracle.nmi_bias == 0.0 and oracle.nmi_target == 1.0 and oracle.gap == 0.0
     with pytest.raises(ConfigError, match="bias-conflicting"):
         biasedness(y, y, y)
+
+
+def test_pseudo_bias_stage_transform_applies_and_restores() -> None:
+    data = _coloured()
+    transform = PseudoBias(n_clusters=2)
+    new, state = transform.apply_dataset(_Colour(), data)
+    assert isinstance(transform, DatasetTransform)
+    assert normalized_mutual_info(state["b_hat"], data.tensors[2]) == 1.0
+    assert transform.report() == {"clusters": 2.0, "nmi_true_bias": 1.0}
+    x, y, b_hat = new[3]
+    assert y == data[3][1]
+    assert torch.equal(x, data[3][0]) and b_hat == state["b_hat"][3]
+    again = transform.restore_dataset(data, state)
+    assert [again[i][2] for i in range(5)] == [new[i][2] for i in range(5)]

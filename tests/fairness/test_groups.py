@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from sobre.core.errors import ConfigError
-from sobre.core.methods import StepContext
-from sobre.fairness.groups import GroupDRO, jtt, jtt_upsample, upsample_indices
+from sobre.core.methods import DatasetTransform, StepContext
+from sobre.fairness.groups import GroupDRO, JTTUpsample, jtt, jtt_upsample, upsample_indices
 
 
 def _ctx(logits: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> StepContext:
@@ -163,3 +163,15 @@ def test_jtt_runs_both_stages() -> None:
         lambda: nn.Linear(2, 2), TensorDataset(x, y), identify_epochs=1, epochs=2, lambda_up=5
     )
     assert isinstance(model, nn.Linear) and errors.shape == (64,) and errors.dtype == torch.bool
+
+
+def test_jtt_stage_transform_applies_and_restores() -> None:
+    x = torch.tensor([[1.0], [-1.0], [2.0], [-3.0]])
+    data = TensorDataset(x, torch.tensor([1, 1, 0, 0]))
+    transform = JTTUpsample(lambda_up=3)
+    new, state = transform.apply_dataset(_Sign(), data)
+    assert isinstance(transform, DatasetTransform)
+    assert transform.report() == {"errors": 2.0, "size": 8.0}
+    assert transform.restore_dataset(data, state).indices == new.indices
+    with pytest.raises(ConfigError, match="lambda_up"):
+        JTTUpsample(lambda_up=0)

@@ -38,6 +38,7 @@ PseudoMethod = Literal["kmeans", "correctness"]
 __all__ = [
     "Biasedness",
     "GCELoss",
+    "PseudoBias",
     "PseudoBiasDataset",
     "biasedness",
     "discover_bias",
@@ -406,3 +407,57 @@ def discover_bias(
     return pseudo_bias_labels(
         model, DataLoader(dataset, batch_size=batch_size), seed=seed, **options
     )
+
+
+class PseudoBias:
+    """Stage transform (a ``DatasetTransform``) for #17 in recipes: the model the last stage
+    trained is the bias-capturing f_b; the next stages train on ``(x, y, b̂)`` with
+    b̂ = :func:`pseudo_bias_labels` of the training set (true bias labels, if any, are dropped).
+
+    Follow it with a fresh-weights transform and a debiasing method (EnD, FairKL, GroupDRO) in
+    the same stage. ``report()`` gives the number of clusters and, when the training set holds
+    true bias labels, NMI(b̂, b) (logged with the stage, never used for training).
+
+    Args:
+        layer, method, n_clusters, per_class, seed: see :func:`pseudo_bias_labels`.
+        batch_size: batch of the pass over the training set.
+    """
+
+    def __init__(
+        self,
+        layer: str = "embedding",
+        method: PseudoMethod = "kmeans",
+        n_clusters: int | None = 10,
+        per_class: bool = False,
+        seed: int = 0,
+        batch_size: int = 256,
+    ) -> None:
+        self.options = {
+            "layer": layer,
+            "method": method,
+            "n_clusters": n_clusters,
+            "per_class": per_class,
+            "seed": seed,
+        }
+        self.batch_size = batch_size
+        self._report: dict[str, float] = {}
+
+    def apply_dataset(
+        self, model: nn.Module, dataset: Dataset
+    ) -> tuple[Dataset, dict[str, Tensor]]:
+        """b̂ over ``dataset`` in order; the new set and ``{"b_hat": b̂}``."""
+        loader = DataLoader(dataset, batch_size=self.batch_size)
+        b_hat = pseudo_bias_labels(model, loader, **self.options)
+        self._report = {"clusters": float(len(b_hat.unique()))}
+        true_b = [batch[2] for batch in loader if len(batch) > 2]
+        if true_b:
+            self._report["nmi_true_bias"] = normalized_mutual_info(b_hat, torch.cat(true_b))
+        return with_pseudo_bias(dataset, b_hat), {"b_hat": b_hat}
+
+    def restore_dataset(self, dataset: Dataset, state: dict[str, Tensor]) -> Dataset:
+        """The same set from the saved b̂ (a resumed run)."""
+        return with_pseudo_bias(dataset, state["b_hat"])
+
+    def report(self) -> dict[str, float]:
+        """Clusters found and NMI with the true bias labels (when the data has them)."""
+        return dict(self._report)

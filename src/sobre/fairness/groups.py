@@ -27,7 +27,7 @@ from sobre.fairness.discovery import misclassified
 
 GroupBy = Literal["yb", "b"]
 
-__all__ = ["GroupBy", "GroupDRO", "jtt", "jtt_upsample", "upsample_indices"]
+__all__ = ["GroupBy", "GroupDRO", "JTTUpsample", "jtt", "jtt_upsample", "upsample_indices"]
 
 
 class GroupDRO(BiasRegularizer):
@@ -170,3 +170,38 @@ def jtt(
         **train_kwargs,
     )
     return final, errors
+
+
+class JTTUpsample:
+    """Stage transform (a ``DatasetTransform``) for JTT in recipes: the model the last stage
+    trained (ERM for T epochs) defines the error set E; the next stages train on the training
+    set with every sample of E repeated λ_up times. Follow it with a fresh-weights transform.
+
+    Args:
+        lambda_up: λ_up, the copies of each misclassified sample.
+        batch_size: batch of the pass that finds E.
+    """
+
+    def __init__(self, lambda_up: int = 20, batch_size: int = 256) -> None:
+        if not isinstance(lambda_up, int) or lambda_up < 1:
+            raise ConfigError(f"JTTUpsample: lambda_up must be an integer >= 1, got {lambda_up!r}")
+        self.lambda_up, self.batch_size = lambda_up, batch_size
+        self._report: dict[str, float] = {}
+
+    def apply_dataset(
+        self, model: nn.Module, dataset: Dataset
+    ) -> tuple[Dataset, dict[str, Tensor]]:
+        """The upsampled set and ``{"indices": ...}`` of the samples it holds."""
+        errors, upsampled = jtt_upsample(
+            model, dataset, lambda_up=self.lambda_up, batch_size=self.batch_size
+        )
+        self._report = {"errors": float(errors.sum()), "size": float(len(upsampled))}
+        return upsampled, {"indices": torch.as_tensor(upsampled.indices)}
+
+    def restore_dataset(self, dataset: Dataset, state: dict[str, Tensor]) -> Dataset:
+        """The same upsampled set from the saved indices (a resumed run)."""
+        return Subset(dataset, state["indices"].tolist())
+
+    def report(self) -> dict[str, float]:
+        """Size of the error set and of the upsampled training set."""
+        return dict(self._report)
