@@ -52,7 +52,7 @@ def test_recipe_logs_bias_metrics_and_selects_by_them(runs_dir) -> None:
 def test_monitor_must_be_a_validation_metric() -> None:
     recipe = _recipe()
     recipe["evaluate"]["monitor"] = "test/unbiased"
-    with pytest.raises(ConfigError, match="evaluate.monitor"):
+    with pytest.raises(ConfigError, match=r"evaluate\.monitor"):
         normalize(recipe)
 
 
