@@ -4,7 +4,7 @@ Per model (torchvision resnet18 at 32x32 batch 8, small_cnn at 28x28 batch 64, r
 calibrated BN), the variants are:
 
 - ``dense``: the model itself;
-- ``masked``: half the channels of every DepGraph group (``sobre.prune.compact.channel_groups``)
+- ``masked``: half the channels of every DepGraph group (``sobre.core.compact.channel_groups``)
   zeroed with core channel masks, the lowest group L1 norm first (L1 of the producers' weight
   rows), on the producing convs *and* their BN layers (so every zeroed channel emits 0);
 - ``compacted``: ``compact(masked)``, checked equal to ``masked`` on a fresh input;
@@ -37,10 +37,10 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sobre.core.compact import channel_groups, compact
 from sobre.core.masks import attach_mask
 from sobre.core.measure import count_params, flops
 from sobre.models import create
-from sobre.prune.compact import channel_groups, compact
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compact_speed.json"
 MODELS = {

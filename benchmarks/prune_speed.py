@@ -104,12 +104,12 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
+from sobre.core.compact import compact
 from sobre.core.edits import edit_log, replay
 from sobre.core.errors import ConfigError
 from sobre.core.masks import bake
 from sobre.core.measure import count_params, depth, flops
 from sobre.models import create
-from sobre.prune.compact import compact
 from sobre.prune.easier import Easier
 from sobre.prune.egp import EntropyGuidedPruner
 from sobre.prune.lacoot import LaCoOT, auto_pairs, rank_blocks, remove_blocks

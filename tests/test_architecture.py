@@ -21,9 +21,10 @@ assert not bad, bad
         (
             "sobre.core, sobre.core.taps, sobre.core.masks, sobre.core.dist, sobre.core.measure, "
             "sobre.core.serialization, sobre.core.edits, sobre.core.labels, sobre.core.members, "
-            "sobre.core.weights, sobre.core.fx",
+            "sobre.core.weights, sobre.core.fx, sobre.core.compact",
             (
                 "lightning",
+                "torch_pruning",
                 "pytorch_lightning",
                 "sobre.engine",
                 "sobre.data",

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sobre.core.compact import ChannelGroup, channel_groups, compact, compact_report
 from sobre.core.edits import edit_log, replay
 from sobre.core.errors import CheckpointError, ConfigError
 from sobre.core.masks import attach_mask, get_mask, iter_masks
 from sobre.models import create
-from sobre.prune.compact import ChannelGroup, channel_groups, compact, compact_report
 
 TOL = 1e-5
 B = 2
@@ -284,7 +284,7 @@ def test_nothing_zeroed_keeps_shapes_and_flags():
     }
     assert all(m.training for m in out.modules())
     assert edit_log(out) == [
-        {"op": "compact", "module": "sobre.prune.compact", "params": {"keep": {}}}
+        {"op": "compact", "module": "sobre.core.compact", "params": {"keep": {}}}
     ]
     assert rel_err(model, out, x) == 0.0
 
@@ -320,7 +320,7 @@ def test_wrong_dependency_falls_back_to_keeping_the_group(caplog):
     with torch.no_grad():
         model.a.weight[:2] = 0  # a0, a1 emit their (different) biases; b reads a1 at input 2
     x = torch.randn(B, 3, 6, 6)
-    with caplog.at_level(logging.WARNING, logger="sobre.prune.compact"):
+    with caplog.at_level(logging.WARNING, logger="sobre.core.compact"):
         out = compact(model, example_inputs=x)
     assert out.a.out_channels == 4
     assert "changed the outputs" in caplog.text
@@ -361,6 +361,19 @@ def test_replay_on_a_different_architecture_fails_clearly():
     narrow = create("small_cnn", num_classes=10, in_channels=1, width=2)
     with pytest.raises(CheckpointError, match="compact"):
         replay(narrow, edit_log(out))
-    bad = [{"op": "compact", "module": "sobre.prune.compact", "params": {"keep": {"nope": {}}}}]
+    bad = [{"op": "compact", "module": "sobre.core.compact", "params": {"keep": {"nope": {}}}}]
     with pytest.raises(CheckpointError, match="nope"):
         replay(create("small_cnn", num_classes=10, in_channels=1, width=4), bad)
+
+
+def test_edit_logs_from_before_the_move_to_core_replay():
+    torch.manual_seed(0)
+    x = torch.randn(B, 1, 28, 28)
+    model = calibrate(create("small_cnn", num_classes=10, in_channels=1, width=4), x.shape)
+    zero(model, group_of(model, x, "features.conv4"), range(3))
+    out = compact(model, example_inputs=x)
+    old = [{**entry, "module": "sobre.prune.compact"} for entry in edit_log(out)]
+    rebuilt = replay(create("small_cnn", num_classes=10, in_channels=1, width=4), old)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in out.state_dict().items()
+    }

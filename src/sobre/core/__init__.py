@@ -9,6 +9,8 @@
 - ``methods``: the method protocols (:class:`Regularizer`, hooks) and :class:`StepContext`.
 - ``serialization``: safetensors + JSON files, written atomically, read without unpickling.
 - ``edits``: atomic, recorded structure edits, replayed when a checkpoint is loaded.
+- ``compact``: zeroed channels become smaller dense layers (Torch-Pruning imported lazily);
+  shared by pruning and the fairness sub-network methods.
 - ``weights``: ``fresh_weights(model, seed)``, what each module's own init draws.
 - ``registry``/``errors``: named registries with "did you mean" errors.
 """

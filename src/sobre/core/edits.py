@@ -72,6 +72,10 @@ def structural_edit(name: str, *, runtime: Sequence[str] = ()) -> Callable[[Edit
     return deco
 
 
+MOVED = {"sobre.prune.compact": "sobre.core.compact"}
+"""Modules that registered edits and have moved since: older edit logs name the old place."""
+
+
 def replay(model: M, log: Sequence[Mapping[str, Any]]) -> M:
     """Apply a recorded edit log to a freshly built model (same architecture as the original).
 
@@ -82,11 +86,12 @@ def replay(model: M, log: Sequence[Mapping[str, Any]]) -> M:
         if not isinstance(entry, Mapping) or not {"op", "params"} <= set(entry):
             raise CheckpointError(f"edit log entry {i} is malformed: {entry!r}")
         if entry.get("module"):
+            module = MOVED.get(entry["module"], entry["module"])
             try:
-                importlib.import_module(entry["module"])  # registers the op
+                importlib.import_module(module)  # registers the op
             except ImportError as err:
                 raise CheckpointError(
-                    f"edit log entry {i} ({entry['op']}) needs module {entry['module']!r}, which "
+                    f"edit log entry {i} ({entry['op']}) needs module {module!r}, which "
                     f"cannot be imported ({err}); install the sobre extra that provides it"
                 ) from None
         fn = EDITS.get(entry["op"])

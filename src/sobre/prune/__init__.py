@@ -9,8 +9,8 @@ structure edit is a recorded ``sobre.core.edits`` edit, so pruned models reload 
 without pickles; see docs/prune.md.
 """
 
+from sobre.core.compact import channel_groups, compact, compact_report
 from sobre.core.registry import lazy_attributes
-from sobre.prune.compact import channel_groups, compact, compact_report
 from sobre.prune.curves import is_monotone, sdd_score, sparsity_curve
 from sobre.prune.dsd2 import DistillationLoss, inject_label_noise
 from sobre.prune.easier import Easier

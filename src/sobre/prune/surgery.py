@@ -42,8 +42,9 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from sobre.core.compact import get_module
 from sobre.core.edits import structural_edit
-from sobre.core.errors import ConfigError, UnknownNameError
+from sobre.core.errors import ConfigError
 from sobre.core.registry import suggest
 from sobre.core.weights import bn_scale_shift
 
@@ -136,21 +137,6 @@ class ChannelGate(nn.Module):
 
 
 # --------------------------------------------------------------------------- module access
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (dotted, as in ``named_modules``; ``""`` is the model).
-
-    Raises:
-        UnknownNameError: no such module; the message lists the closest names.
-    """
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        raise UnknownNameError(
-            f"module {name!r} does not exist in {type(model).__name__}{suggest(name, names)}"
-        ) from None
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

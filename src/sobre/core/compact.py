@@ -59,10 +59,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_leaves
 
 from sobre.core.edits import structural_edit
-from sobre.core.errors import ConfigError
+from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.masks import bake
 from sobre.core.measure import count_params, flops
-from sobre.prune.surgery import get_module
+from sobre.core.registry import suggest
 
 __all__ = [
     "ChannelGroup",
@@ -71,6 +71,7 @@ __all__ = [
     "channel_groups",
     "compact",
     "compact_report",
+    "get_module",
 ]
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,21 @@ class CompactReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields plus both ratios."""
         return {**asdict(self), "params_ratio": self.params_ratio, "flops_ratio": self.flops_ratio}
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (dotted, as in ``named_modules``; ``""`` is the model).
+
+    Raises:
+        UnknownNameError: no such module; the message lists the closest names.
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise UnknownNameError(
+            f"module {name!r} does not exist in {type(model).__name__}{suggest(name, names)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- dependency groups
