@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sobre.core.errors import ConfigError
-from sobre.fairness import features_of, leakage
+from sobre.fairness.probe import features_of, leakage, probe_attack
 
 
 def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
@@ -147,3 +147,17 @@ def test_bad_inputs_name_the_fix():
         leakage(z, p.float(), z, p)
     with pytest.raises(ConfigError, match="NaN"):
         leakage(z, p, z.clone().fill_(float("nan")), p)
+
+
+def test_mi_estimate_is_log_k_when_readable_and_zero_when_independent():
+    z = _gaussian(2000, 8, 3)
+    p = (z[:, 0] > 0).long() + 2 * (z[:, 1] > 0).long()  # 4 classes, linearly readable
+    readable = probe_attack(*_split(z, p))
+    assert readable.entropy == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=0.01)
+    # samples near the two boundaries keep the cross-entropy above 0: about 2/3 of log 4
+    assert readable.mi_nats > 0.6 * readable.entropy and readable.accuracy > 0.9
+    noise = probe_attack(
+        *_split(z, torch.randint(0, 4, (2000,), generator=torch.Generator().manual_seed(4)))
+    )
+    assert noise.mi_nats < 0.05
+    assert leakage(*_split(z, p)) == readable.accuracy

@@ -11,6 +11,7 @@ report the MLP probe too: linear probes understate leakage.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
@@ -22,7 +23,23 @@ from sobre.fairness.metrics import as_labels
 
 ProbeKind = Literal["linear", "mlp"]
 
-__all__ = ["ProbeKind", "features_of", "leakage"]
+__all__ = ["ProbeKind", "ProbeResult", "features_of", "leakage", "probe_attack"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe reads on the test split: accuracy and Î(Z; P) ≈ H(P) − CE (trust spec §4.3)."""
+
+    accuracy: float
+    cross_entropy: float
+    """Mean test cross-entropy of the probe, nats (infinite for a class unseen in training)."""
+    entropy: float
+    """Entropy H(P) of the test attributes' empirical distribution, nats."""
+
+    @property
+    def mi_nats(self) -> float:
+        """The variational estimate Î(Z; P) = max(0, H(P) − CE), nats."""
+        return max(0.0, self.entropy - self.cross_entropy)
 
 
 def _features(values: object, arg: str) -> Tensor:
@@ -44,7 +61,7 @@ def _probe(kind: str, dim: int, classes: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
-def leakage(
+def probe_attack(
     features_train: Tensor,
     attr_train: Tensor,
     features_test: Tensor,
@@ -57,8 +74,8 @@ def leakage(
     weight_decay: float = 0.0,
     batch_size: int | None = None,
     seed: int = 0,
-) -> float:
-    """Test accuracy of a probe g trained to predict the attribute p from frozen features z.
+) -> ProbeResult:
+    """A probe g trained to predict the attribute p from frozen features z, read on the test split.
 
     Features are standardised with the training mean and standard deviation (constant features
     are only centred); g is a linear layer or a one-hidden-layer ReLU MLP trained with Adam on
@@ -79,7 +96,8 @@ def leakage(
         seed: Seed of the probe's initialisation and of the mini-batch order.
 
     Returns:
-        Probe accuracy on the test features, a float in [0, 1].
+        The probe's test accuracy (in [0, 1]), test cross-entropy and H(P) of the test
+        attributes: :attr:`ProbeResult.mi_nats` is the held-out estimate Î(Z; P) ≈ H(P) − CE.
 
     Raises:
         ConfigError: Features not 2-D, differing feature dimensions, lengths that differ from the
@@ -143,8 +161,29 @@ def leakage(
                 loss.backward()
                 opt.step()
     with torch.no_grad():
-        pred = net(z_te).argmax(1)
-    return (pred == p_te).double().mean().item()
+        logits = net(z_te)
+        unseen = max(0, int(p_te.max()) + 1 - classes)
+        ce = nn.functional.cross_entropy(
+            nn.functional.pad(logits, (0, unseen), value=float("-inf")), p_te
+        )
+        q = torch.bincount(p_te).double() / len(p_te)
+        entropy = -torch.special.xlogy(q, q).sum()
+    return ProbeResult((logits.argmax(1) == p_te).double().mean().item(), ce.item(), entropy.item())
+
+
+def leakage(
+    features_train: Tensor,
+    attr_train: Tensor,
+    features_test: Tensor,
+    attr_test: Tensor,
+    **options: Any,
+) -> float:
+    """Test accuracy of a fresh probe predicting the attribute from frozen features.
+
+    :func:`probe_attack`'s accuracy (same arguments and options); use :func:`probe_attack` for
+    the held-out cross-entropy and Î(Z; P) too.
+    """
+    return probe_attack(features_train, attr_train, features_test, attr_test, **options).accuracy
 
 
 def _pool(t: Tensor, layer: str) -> Tensor:
