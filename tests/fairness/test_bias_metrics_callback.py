@@ -65,3 +65,15 @@ def test_pairs_are_refused_with_the_fix(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match=r"\(x, y, b\) batches"):
         trainer.test(routine, dataloaders=loader, verbose=False)
+
+
+def test_privacy_probe_attacks_the_trained_features(runs_dir) -> None:
+    recipe = _recipe()
+    recipe["data"].update(rest="uniform", rho=0.9)
+    recipe["trainer"]["callbacks"].append(
+        {"class_path": "sobre.fairness.PrivacyProbe", "init_args": {"epochs": 20}}
+    )
+    metrics = sobre.fit(recipe).metrics
+    for kind in ("linear", "mlp"):
+        assert 0.0 <= metrics[f"test/probe_{kind}"] <= 1.0
+        assert metrics[f"test/probe_{kind}_mi"] >= 0.0

@@ -19,7 +19,8 @@ private information its features leak.
 - ``surgeon``: unbiased sub-networks of a frozen model: Debiasing surgeon (#44,
   ``FantasticWeights``) and BISE (#9, channel gates then ``core.compact``).
 - ``lightning`` (imported on first use): ``BiasMetrics``, the callback logging every validation
-  and test epoch's bias metrics in recipes. ``plots``: the report figures (entry points).
+  and test epoch's bias metrics in recipes, and ``PrivacyProbe``, the post-test attack probe.
+  ``plots``: the report figures (entry points).
 
 See docs/fairness.md.
 """
@@ -58,7 +59,7 @@ from sobre.fairness.metrics import (
 from sobre.fairness.probe import ProbeKind, ProbeResult, features_of, leakage, probe_attack
 from sobre.fairness.surgeon import BISE, FantasticWeights, MaskedSubnetwork, MaskResult
 
-__getattr__ = lazy_attributes(__name__, "lightning", ("BiasMetrics",))
+__getattr__ = lazy_attributes(__name__, "lightning", ("BiasMetrics", "PrivacyProbe"))
 
 __all__ = [
     "BISE",
@@ -78,6 +79,7 @@ __all__ = [
     "JTTUpsample",
     "MaskResult",
     "MaskedSubnetwork",
+    "PrivacyProbe",
     "ProbeKind",
     "ProbeResult",
     "PseudoBias",

@@ -1,5 +1,7 @@
 """Lightning side of the fairness family: ``BiasMetrics`` logs the bias metrics of every
-validation and test epoch of an (x, y, b) datamodule, so runs report and select by them.
+validation and test epoch of an (x, y, b) datamodule, so runs report and select by them;
+``PrivacyProbe`` measures after the test how well fresh probes read the private attribute b
+from the trained model's features (the DisP / IRENE attack).
 
 Imported on first use (``sobre.fairness.BiasMetrics``): the rest of the family is Lightning-free.
 """
@@ -17,6 +19,7 @@ from torch import Tensor
 from sobre.core.errors import ConfigError
 from sobre.core.members import num_members, split_members
 from sobre.fairness.metrics import AlignedBias, BiasReport, group_proportions
+from sobre.fairness.probe import ProbeKind, features_of, probe_attack
 
 STAGES = ("val", "test")
 
@@ -137,3 +140,55 @@ class BiasMetrics(Callback):
             hits += int((pred == batch[1]).sum())
             total += len(pred)
         return hits / total
+
+
+class PrivacyProbe(Callback):
+    """After the test, attack the trained encoder: fresh probes predict the private attribute b
+    from the frozen features of ``layer`` (trust spec §4.3).
+
+    The probes are trained on the first half of the test set and read on the second half; use
+    a test split where b is independent of y (Biased-MNIST with ``rest: uniform`` tests at
+    ρ = 0), or the probe may read b through the task. Logs ``test/probe_<kind>`` (accuracy;
+    chance is 1 / number of attribute values) and ``test/probe_<kind>_mi`` (Î(Z; b) ≈ H(b) − CE,
+    nats) for each probe kind.
+
+    Args:
+        layer: the module whose (pooled) output is attacked, e.g. ``embedding``.
+        probes: probe kinds, ``"linear"`` and/or ``"mlp"``.
+        epochs: probe training epochs (full batch, Adam).
+    """
+
+    def __init__(
+        self,
+        layer: str = "embedding",
+        probes: tuple[ProbeKind, ...] | list[ProbeKind] = ("linear", "mlp"),
+        epochs: int = 200,
+    ) -> None:
+        super().__init__()
+        self.layer, self.probes, self.epochs = layer, tuple(probes), epochs
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = getattr(trainer, "datamodule", None)
+        dataset = getattr(data, "test_dataset", None)
+        if dataset is None:
+            raise ConfigError("PrivacyProbe needs a datamodule with a test_dataset of (x, y, b)")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=500)
+        net = getattr(pl_module, "net", pl_module)
+        z, *rest = features_of(net, loader, self.layer)
+        if len(rest) < 2:
+            raise ConfigError(
+                "PrivacyProbe needs (x, y, b) test samples: b is the private attribute it attacks"
+            )
+        # the test loop runs under inference mode: the probes train on ordinary copies
+        with torch.inference_mode(False), torch.enable_grad():
+            z, b = z.clone(), rest[1].clone()
+            half = len(z) // 2
+            results = {
+                kind: probe_attack(
+                    z[:half], b[:half], z[half:], b[half:], probe=kind, epochs=self.epochs
+                )
+                for kind in self.probes
+            }
+        for kind, result in results.items():
+            pl_module.log(f"test/probe_{kind}", result.accuracy, sync_dist=False)
+            pl_module.log(f"test/probe_{kind}_mi", result.mi_nats, sync_dist=False)
