@@ -84,7 +84,7 @@ def test_colored_mnist_yields_x_y_b_parsed_from_file_names(tmp_path: Path) -> No
 @pytest.mark.parametrize("spelling", ["conflict", "conlict"])
 def test_both_conflict_spellings_are_read(tmp_path: Path, spelling: str) -> None:
     root = write_lff(tmp_path, "cifar10c", pct="0.5pct", conflict=spelling, valid_by_class=True)
-    train, val, _ = bf.corrupted_cifar10_datasets(root, pct=0.5, image_size=8)
+    train, val, _ = bf.lff_datasets("corrupted_cifar10", root, pct=0.5, image_size=8)
     assert sum(int(b != y) for y, b in triples(train)) == N_CLASSES
     assert len(val) == N_CLASSES  # valid/<y>/*, as in the CIFAR-10-C release
     assert train[0][0].shape == (3, 8, 8)
@@ -100,7 +100,7 @@ def test_bffhq_valid_beside_pct_and_test_splits(tmp_path: Path) -> None:
     )
     assert len(dm.val_dataset) == 2
     assert all(y != b for y, b in triples(dm.test_dataset))
-    _, _, aligned = bf.bffhq_datasets(root, test_split="aligned", image_size=16)
+    _, _, aligned = bf.lff_datasets("bffhq", root, test_split="aligned", image_size=16)
     assert all(y == b for y, b in triples(aligned))
     assert len(aligned) == 2
 
@@ -119,16 +119,16 @@ def test_missing_tree_shows_layout_and_source(tmp_path: Path) -> None:
 def test_missing_ratio_folder_and_bad_pct(tmp_path: Path) -> None:
     root = write_lff(tmp_path, "cmnist", pct="1pct")
     with pytest.raises(DataNotFoundError, match="lacks 5pct"):
-        bf.colored_mnist_datasets(root, pct=5)
+        bf.lff_datasets("colored_mnist", root, pct=5)
     with pytest.raises(ConfigError, match="pct=1"):
-        bf.colored_mnist_datasets(root, pct=-1)
+        bf.lff_datasets("colored_mnist", root, pct=-1)
 
 
 def test_bad_file_name_is_reported(tmp_path: Path) -> None:
     root = write_lff(tmp_path, "cmnist")
     png(root / "cmnist" / "1pct" / "align" / "0" / "noisy.png")
     with pytest.raises(DataNotFoundError, match="_<y>_<b>"):
-        bf.colored_mnist_datasets(root)
+        bf.lff_datasets("colored_mnist", root)
 
 
 @given(st.text("ab-c0", max_size=6), st.integers(0, 99), st.integers(0, 99))

@@ -4,7 +4,8 @@ Every dataset is read from a local folder in the layout its authors released; so
 downloads data, and a missing folder raises a :class:`~sobre.core.errors.DataNotFoundError` that
 shows the expected layout and where to obtain the data. Each has a :class:`DatasetCard`
 (:data:`CARDS`: layout, classes, bias attribute, groups, conflicting ratios, normalisation), a
-``*_datasets`` factory returning ``(train, val, test)`` and a registered datamodule:
+factory returning ``(train, val, test)`` (:func:`lff_datasets` for the three in the LfF/DFA
+layout, ``*_datasets`` for the others) and a registered datamodule:
 
 - ``colored_mnist``: Colored-MNIST of LfF/DFA, ``cmnist/<pct>/{align,conflict,valid}``;
 - ``corrupted_cifar10``: Corrupted-CIFAR-10 of LfF/DFA, the same tree under ``cifar10c/``;
@@ -64,6 +65,7 @@ __all__ = [
     "IMAGENET9_CLASSES",
     "IMAGENET9_RANGES",
     "IMAGENET_A_OVERLAP",
+    "LFF_CARDS",
     "UNKNOWN_BIAS",
     "WATERBIRDS",
     "BFFHQDataModule",
@@ -75,13 +77,11 @@ __all__ = [
     "DatasetCard",
     "ImageNet9DataModule",
     "WaterbirdsDataModule",
-    "bffhq_datasets",
     "biased_celeba_datasets",
-    "colored_mnist_datasets",
     "corrupt",
-    "corrupted_cifar10_datasets",
     "imagenet9_datasets",
     "imagenet9_superclasses",
+    "lff_datasets",
     "lff_folders",
     "parse_label_bias",
     "waterbirds_datasets",
@@ -438,72 +438,48 @@ def _lff_split(card: DatasetCard, folders: Sequence[Path], image_size: int) -> B
     return BiasImageDataset(paths, y, b, _transform(card, image_size))
 
 
-def _lff_datasets(
-    card: DatasetCard, folders: dict[str, list[Path]], image_size: int, test_split: TestSplit
+LFF_CARDS: dict[str, DatasetCard] = {
+    "colored_mnist": COLORED_MNIST,
+    "corrupted_cifar10": CORRUPTED_CIFAR10,
+    "bffhq": BFFHQ,
+}
+"""The benchmarks in the LfF/DFA layout, by dataset name."""
+_LFF_DEFAULTS = {"colored_mnist": (1, 28), "corrupted_cifar10": (1, 32), "bffhq": (0.5, 64)}
+"""Default ``(pct, image_size)`` per benchmark: the release's ratio and on-disk side (bFFHQ:
+64, DFA resizes to 224)."""
+
+
+def lff_datasets(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    pct: float | str | None = None,
+    image_size: int | None = None,
+    test_split: TestSplit = "all",
 ) -> Splits:
-    train, val, test = (_lff_split(card, folders[s], image_size) for s in ("train", "val", "test"))
+    """An LfF/DFA-layout benchmark (``colored_mnist``, ``corrupted_cifar10``, ``bffhq``):
+    ``(3, image_size, image_size)`` samples ``(x, y, b)``, labels from the file names.
+
+    Args:
+        name: the benchmark (see :data:`LFF_CARDS`).
+        root: its folder (``cmnist``, ``cifar10c``, ``bffhq``) or the parent (default: the data
+            root).
+        pct: the conflicting-ratio folder: 0.5, 1, 2, 5 (or ``"0.5pct"`` ...); default 1
+            (0.5 for bFFHQ, the only one released).
+        image_size: the side images are resized to (default: on-disk 28, 32; 64 for bFFHQ).
+        test_split: ``"all"`` test images, or only the bias-``"conflicting"`` (DFA's bFFHQ
+            number) or ``"aligned"`` ones.
+    """
+    if name not in LFF_CARDS:
+        raise ConfigError(f"unknown LfF-layout benchmark {name!r}{suggest(name, list(LFF_CARDS))}")
+    _choice("test_split", test_split, _TEST_SPLITS)
+    card, (default_pct, default_size) = LFF_CARDS[name], _LFF_DEFAULTS[name]
+    folders = lff_folders(card, root, default_pct if pct is None else pct)
+    size = default_size if image_size is None else image_size
+    train, val, test = (_lff_split(card, folders[s], size) for s in ("train", "val", "test"))
     if test_split != "all":
         test = test.select((test.b == test.y) == (test_split == "aligned"))
     return train, val, test
-
-
-def colored_mnist_datasets(
-    root: str | Path | None = None,
-    *,
-    pct: float | str = 1,
-    image_size: int = 28,
-    test_split: TestSplit = "all",
-) -> Splits:
-    """Colored-MNIST (LfF/DFA): ``(3, image_size, image_size)`` samples ``(x, y, b)``.
-
-    Args:
-        root: the ``cmnist`` folder or its parent (default: the data root).
-        pct: the conflicting-ratio folder: 0.5, 1, 2, 5 (or ``"0.5pct"`` ...).
-        image_size: the side images are resized to (28 on disk).
-        test_split: ``"all"`` test images, or only the bias-``"conflicting"``/``"aligned"`` ones.
-    """
-    _choice("test_split", test_split, _TEST_SPLITS)
-    folders = lff_folders(COLORED_MNIST, root, pct)
-    return _lff_datasets(COLORED_MNIST, folders, image_size, test_split)
-
-
-def corrupted_cifar10_datasets(
-    root: str | Path | None = None,
-    *,
-    pct: float | str = 1,
-    image_size: int = 32,
-    test_split: TestSplit = "all",
-) -> Splits:
-    """Corrupted-CIFAR-10 (LfF/DFA): samples ``(x, y, b)``, ``b`` = the corruption's index.
-
-    Args:
-        root: the ``cifar10c`` folder or its parent (default: the data root).
-        pct: the conflicting-ratio folder: 0.5, 1, 2, 5 (or ``"0.5pct"`` ...).
-        image_size: the side images are resized to (32 on disk).
-        test_split: ``"all"`` test images, or only the bias-``"conflicting"``/``"aligned"`` ones.
-    """
-    _choice("test_split", test_split, _TEST_SPLITS)
-    folders = lff_folders(CORRUPTED_CIFAR10, root, pct)
-    return _lff_datasets(CORRUPTED_CIFAR10, folders, image_size, test_split)
-
-
-def bffhq_datasets(
-    root: str | Path | None = None,
-    *,
-    pct: float | str = 0.5,
-    image_size: int = 64,
-    test_split: TestSplit = "all",
-) -> Splits:
-    """bFFHQ (DFA): faces, ``y`` = age (young/old), ``b`` = gender; samples ``(x, y, b)``.
-
-    Args:
-        root: the ``bffhq`` folder or its parent (default: the data root).
-        pct: the conflicting-ratio folder (the release has 0.5 only).
-        image_size: the side images are resized to (DFA uses 224).
-        test_split: ``"all"``, or ``"conflicting"`` (DFA's reported test set) or ``"aligned"``.
-    """
-    _choice("test_split", test_split, _TEST_SPLITS)
-    return _lff_datasets(BFFHQ, lff_folders(BFFHQ, root, pct), image_size, test_split)
 
 
 # -- biased CelebA --------------------------------------------------------------------------------
@@ -710,101 +686,66 @@ class BiasFolderDataModule(SobreDataModule):
 
 
 class _LfFDataModule(BiasFolderDataModule):
-    """An LfF/DFA tree: the folders are checked in ``__init__``, read in :meth:`build`."""
-
-    def _open(self, root: str | Path | None, pct: float | str, test_split: TestSplit) -> None:
-        _choice("test_split", test_split, _TEST_SPLITS)
-        self.test_split = test_split
-        self.folders = lff_folders(self.card, root, pct)
-
-    def build(self) -> Splits:
-        """List the files of each split; the test split is the one ``test_split`` names."""
-        return _lff_datasets(self.card, self.folders, self.image_size, self.test_split)
-
-
-@DATASETS.register("colored_mnist")
-class ColoredMNISTDataModule(_LfFDataModule):
-    """Colored-MNIST (LfF/DFA) from ``cmnist/<pct>/...``: 10 digits, ``b`` = colour.
+    """An LfF/DFA tree (:func:`lff_datasets`): the folders are checked in ``__init__``.
 
     Args:
-        root: the ``cmnist`` folder or its parent (default: ``$SOBRE_DATA_DIR`` or
+        root: the benchmark's folder or its parent (default: ``$SOBRE_DATA_DIR`` or
             ``~/.cache/sobre/data``). A missing folder fails here, before any training.
-        pct: the conflicting-ratio folder: 0.5, 1, 2 or 5 (percent).
-        image_size: the side images are resized to.
+        pct: the conflicting-ratio folder: 0.5, 1, 2 or 5 (percent); default: the release's.
+        image_size: the side images are resized to (default: the on-disk side).
         test_split: ``"all"``, ``"conflicting"`` or ``"aligned"`` test images.
         **common: :class:`SobreDataModule` arguments (batch_size, num_workers, seed, pin_memory).
     """
 
-    name = "colored_mnist"
-    card = COLORED_MNIST
-
     def __init__(
         self,
         root: str | Path | None = None,
         *,
-        pct: float | str = 1,
-        image_size: int = 28,
+        pct: float | str | None = None,
+        image_size: int | None = None,
         test_split: TestSplit = "all",
         **common: Any,
     ) -> None:
-        super().__init__(image_size=image_size, **common)
-        self._open(root, pct, test_split)
+        default_pct, default_size = _LFF_DEFAULTS[self.name]
+        super().__init__(image_size=default_size if image_size is None else image_size, **common)
+        _choice("test_split", test_split, _TEST_SPLITS)
+        self.root, self.pct, self.test_split = root, default_pct if pct is None else pct, test_split
+        lff_folders(self.card, root, self.pct)  # a missing tree fails now
+
+    def build(self) -> Splits:
+        """List the files of each split; the test split is the one ``test_split`` names."""
+        return lff_datasets(
+            self.name,
+            self.root,
+            pct=self.pct,
+            image_size=self.image_size,
+            test_split=self.test_split,
+        )
+
+
+@DATASETS.register("colored_mnist")
+class ColoredMNISTDataModule(_LfFDataModule):
+    """Colored-MNIST (LfF/DFA) from ``cmnist/<pct>/...``: 10 digits, ``b`` = colour; 28x28."""
+
+    name = "colored_mnist"
+    card = COLORED_MNIST
 
 
 @DATASETS.register("corrupted_cifar10")
 class CorruptedCIFAR10DataModule(_LfFDataModule):
-    """Corrupted-CIFAR-10 (LfF/DFA) from ``cifar10c/<pct>/...``: ``b`` = corruption index.
-
-    Args:
-        root: the ``cifar10c`` folder or its parent (default: the data root).
-        pct: the conflicting-ratio folder: 0.5, 1, 2 or 5 (percent).
-        image_size: the side images are resized to.
-        test_split: ``"all"``, ``"conflicting"`` or ``"aligned"`` test images.
-        **common: :class:`SobreDataModule` arguments.
-    """
+    """Corrupted-CIFAR-10 (LfF/DFA) from ``cifar10c/<pct>/...``: ``b`` = corruption; 32x32."""
 
     name = "corrupted_cifar10"
     card = CORRUPTED_CIFAR10
 
-    def __init__(
-        self,
-        root: str | Path | None = None,
-        *,
-        pct: float | str = 1,
-        image_size: int = 32,
-        test_split: TestSplit = "all",
-        **common: Any,
-    ) -> None:
-        super().__init__(image_size=image_size, **common)
-        self._open(root, pct, test_split)
-
 
 @DATASETS.register("bffhq")
 class BFFHQDataModule(_LfFDataModule):
-    """bFFHQ (DFA): ``y`` = age (young/old), ``b`` = gender (female/male).
-
-    Args:
-        root: the ``bffhq`` folder or its parent (default: the data root).
-        pct: the conflicting-ratio folder (0.5 in the release).
-        image_size: the side images are resized to.
-        test_split: ``"all"``, ``"conflicting"`` (DFA's reported set) or ``"aligned"``.
-        **common: :class:`SobreDataModule` arguments.
-    """
+    """bFFHQ (DFA): ``y`` = age (young/old), ``b`` = gender; pct 0.5 (the release), 64x64;
+    ``test_split="conflicting"`` is DFA's reported test set."""
 
     name = "bffhq"
     card = BFFHQ
-
-    def __init__(
-        self,
-        root: str | Path | None = None,
-        *,
-        pct: float | str = 0.5,
-        image_size: int = 64,
-        test_split: TestSplit = "all",
-        **common: Any,
-    ) -> None:
-        super().__init__(image_size=image_size, **common)
-        self._open(root, pct, test_split)
 
 
 @DATASETS.register("biased_celeba")
