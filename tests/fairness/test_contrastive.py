@@ -173,7 +173,7 @@ def test_bad_shapes_and_options_raise_config_errors() -> None:
         FairKL(behaviour="paper")
     with pytest.raises(ConfigError, match="mode"):
         FairKL(mode="wasserstein")
-    with pytest.raises(ConfigError, match="not both 0"):
+    with pytest.raises(ConfigError, match="not all 0"):
         FairKLObjective(alpha=0, lambd=0)
 
 

@@ -108,7 +108,7 @@ def test_missing_bias_labels_features_and_bad_weights_are_config_errors() -> Non
     ctx = StepContext(nn.Identity(), z, y, None, {}, extra=(torch.zeros(4, dtype=torch.long),))
     with pytest.raises(ConfigError, match="layer='embedding'"):
         DisP()(ctx)
-    with pytest.raises(ConfigError, match="not both 0"):
+    with pytest.raises(ConfigError, match="not all 0"):
         EnD(alpha=0.0, beta=0.0)
     with pytest.raises(ConfigError, match="non-negative"):
         DisP(alpha=-1.0)

@@ -38,6 +38,7 @@ class BiasRegularizer(Regularizer):
     """A regulariser that needs the bias (or private) label ``b`` of each training sample."""
 
     requires_bias_labels: bool = True
+    layer: str = ""
 
     def bias_labels(self, ctx: StepContext) -> Tensor:
         """``b`` of the batch (its third element), checked: present, one per sample, known."""
@@ -59,6 +60,39 @@ class BiasRegularizer(Regularizer):
                 f"(b = -1); " + UNSUPERVISED_HINT
             )
         return b.long()
+
+    def tap_layer(self, layer: str) -> None:
+        """Ask the training loop to record ``layer``'s output each step (``needs_features``)."""
+        if not isinstance(layer, str) or not layer:
+            raise ConfigError(
+                f"{type(self).__name__}: layer must be a module name such as 'embedding', "
+                f"got {layer!r}"
+            )
+        self.layer = layer
+        self.needs_features = (layer,)
+
+    def tapped(self, ctx: StepContext) -> Tensor:
+        """The features of the tapped layer this step, flattened to (B, D)."""
+        if self.layer not in ctx.features:
+            raise ConfigError(
+                f"{type(self).__name__}: no features recorded for layer {self.layer!r} "
+                f"(recorded: {sorted(ctx.features) or 'none'}); name a module of "
+                f"model.named_modules() that forward runs, e.g. layer='embedding' for "
+                f"simple_conv, and train with a loop that taps needs_features "
+                f"(sobre.fairness.base.train or the engine)"
+            )
+        return ctx.features[self.layer].flatten(1)
+
+
+def check_weights(owner: str, **weights: float) -> None:
+    """Loss weights are non-negative and not all 0 (else the regulariser does nothing)."""
+    if any(w < 0 for w in weights.values()) or not any(weights.values()):
+        given = ", ".join(f"{k}={v}" for k, v in weights.items())
+        example = ", ".join(f"{k}=1.0" for k in weights)
+        raise ConfigError(
+            f"{owner}: {' and '.join(weights)} are non-negative weights, not all 0; got "
+            f"{given}: pass e.g. {example}"
+        )
 
 
 def _device(model: nn.Module) -> torch.device:

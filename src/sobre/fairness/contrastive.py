@@ -50,8 +50,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
-from sobre.fairness.base import BiasRegularizer
-from sobre.fairness.disentangle import tapped_features
+from sobre.fairness.base import BiasRegularizer, check_weights
 
 __all__ = ["EpsSupInfoNCE", "FairKL", "FairKLObjective"]
 
@@ -336,24 +335,15 @@ class FairKLObjective(BiasRegularizer):
         layer: str = "embedding",
     ) -> None:
         super().__init__()
-        if not (alpha >= 0 and lambd >= 0) or alpha + lambd == 0:
-            raise ConfigError(
-                f"{type(self).__name__}: alpha and lambd are non-negative weights, not both 0; "
-                f"got alpha={alpha}, lambd={lambd}: pass e.g. alpha=1.0, lambd=1.0"
-            )
-        if not isinstance(layer, str) or not layer:
-            raise ConfigError(
-                f"{type(self).__name__}: layer must be a module name such as 'embedding', "
-                f"got {layer!r}"
-            )
-        self.alpha, self.lambd, self.layer = float(alpha), float(lambd), layer
+        check_weights(type(self).__name__, alpha=alpha, lambd=lambd)
+        self.tap_layer(layer)
+        self.alpha, self.lambd = float(alpha), float(lambd)
         self.requires_bias_labels = self.lambd > 0
-        self.needs_features = (layer,)
         self.contrastive = EpsSupInfoNCE(temperature, epsilon, form, strong, base_temperature)
         self.fairkl = FairKL(fairkl_temperature, std_weight, mode, behaviour, alignment_term)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
-        z = F.normalize(tapped_features(ctx, self.layer, type(self).__name__), dim=1)
+        z = F.normalize(self.tapped(ctx), dim=1)
         y = ctx.targets.to(z.device)
         terms = {}
         if self.alpha:

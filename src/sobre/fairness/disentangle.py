@@ -23,23 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
-from sobre.fairness.base import BiasRegularizer
+from sobre.fairness.base import BiasRegularizer, check_weights
 
-__all__ = ["DisP", "EnD", "end_terms", "tapped_features"]
-
-
-def tapped_features(ctx: StepContext, layer: str, owner: str) -> Tensor:
-    """The features ``layer`` recorded this step, flattened to (B, D)."""
-    if layer not in ctx.features:
-        raise ConfigError(
-            f"{owner}: no features recorded for layer {layer!r} (recorded: "
-            f"{sorted(ctx.features) or 'none'}); name a module of model.named_modules() that "
-            f"forward runs, e.g. layer='embedding' for simple_conv, and train with a loop that "
-            f"taps needs_features (sobre.fairness.base.train or the engine)"
-        )
-    return ctx.features[layer].flatten(1)
+__all__ = ["DisP", "EnD", "end_terms"]
 
 
 def end_terms(z: Tensor, y: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,22 +67,13 @@ class EnD(BiasRegularizer):
 
     def __init__(self, alpha: float = 0.1, beta: float = 0.1, layer: str = "embedding") -> None:
         super().__init__()
-        if alpha < 0 or beta < 0 or alpha + beta == 0:
-            raise ConfigError(
-                f"{type(self).__name__}: alpha and beta are non-negative weights, not both 0; "
-                f"got alpha={alpha}, beta={beta}: pass e.g. alpha=1.0, beta=1.0"
-            )
-        if not isinstance(layer, str) or not layer:
-            raise ConfigError(
-                f"{type(self).__name__}: layer must be a module name such as 'embedding', "
-                f"got {layer!r}"
-            )
-        self.alpha, self.beta, self.layer = float(alpha), float(beta), layer
-        self.needs_features = (layer,)
+        check_weights(type(self).__name__, alpha=alpha, beta=beta)
+        self.tap_layer(layer)
+        self.alpha, self.beta = float(alpha), float(beta)
 
     def forward(self, ctx: StepContext) -> dict[str, Tensor]:
         b = self.bias_labels(ctx)
-        z = tapped_features(ctx, self.layer, type(self).__name__)
+        z = self.tapped(ctx)
         r_orth, r_par = end_terms(z, ctx.targets.to(b.device), b)
         return {
             f"{self.name}/orthogonal": self.alpha * r_orth,

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
 from sobre.fairness.base import BiasRegularizer
-from sobre.fairness.disentangle import tapped_features
 
 __all__ = ["IRENE", "HeadKind", "MIKind", "mutual_information_estimate"]
 
@@ -129,8 +128,8 @@ class IRENE(BiasRegularizer):
             )
         self.feature_dim, self.num_private = feature_dim, num_private
         self.lam, self.kind, self.head_steps = float(lam), mi, head_steps
-        self.warmup_epochs, self.layer = warmup_epochs, layer
-        self.needs_features = (layer,)
+        self.warmup_epochs = warmup_epochs
+        self.tap_layer(layer)
         self.head = (
             nn.Linear(feature_dim, num_private)
             if head == "linear"
@@ -166,7 +165,7 @@ class IRENE(BiasRegularizer):
 
     def forward(self, ctx: StepContext) -> Tensor:
         p = self.bias_labels(ctx)
-        z = tapped_features(ctx, self.layer, "IRENE")
+        z = self.tapped(ctx)
         if z.shape[1] != self.feature_dim:
             raise ConfigError(
                 f"IRENE: layer {self.layer!r} gives {z.shape[1]} features per sample but "
