@@ -67,7 +67,10 @@ def test_fit_measure_report_recipes(tmp_path, tiny_recipe, capsys, runs_dir):
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").is_file() and (run_dir / "figures/learning_curves.png").is_file()
     assert main(["recipes", str(ROOT / "recipes")]) == 0
-    assert "quickstart.yaml" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "quickstart.yaml" in listing and "cpu time: " in listing
+    assert "gpu time: " in listing  # GPU-scale recipes state their GPU time, not "?"
+    assert "? min" not in listing and "not stated" not in listing  # every recipe says its time
 
 
 def test_python_dash_m_is_the_cli():

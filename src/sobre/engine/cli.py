@@ -110,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _duration(meta: dict[str, Any]) -> str:
+    """The recipe's time on the CPU or, for a GPU-scale one, on a GPU."""
+    if "cpu_minutes" in meta:
+        return f"cpu time: {meta['cpu_minutes']} min"
+    if "gpu_minutes" in meta:
+        return f"gpu time: {meta['gpu_minutes']} min"
+    return "time: not stated"
+
+
 def _recipes(folder: str) -> None:
     from sobre.engine.recipes import load_yaml
 
@@ -123,7 +132,7 @@ def _recipes(folder: str) -> None:
         sys.stdout.write(
             f"{path}\n    {meta.get('description', '')}\n"
             f"    paper: {meta.get('paper', '-')}  expected: {meta.get('expected', '-')}"
-            f"  cpu time: {meta.get('cpu_minutes', '?')} min\n"
+            f"  {_duration(meta)}\n"
         )
 
 
