@@ -11,6 +11,8 @@ sparse updates).
 - ``neve``: NeVe (#48), LR decay and early stopping from neural velocity.
 - ``budget``: neuron selection under a parameter budget (#33).
 - ``dynamic``: TraDy (#41) and MeDyate (#45), memory-budgeted dynamic channel updates.
+- ``compress``: HOSVD_ε / SVD_ε compressed activations (#35, first piece): ``CompressedConv2d``,
+  ``CompressedLinear``, ``compress_activations`` / ``decompress_activations``.
 - ``callbacks`` (Lightning, imported on first use): ``NEqCallback``, ``NeVeCallback``,
   ``BudgetCallback``, ``SparseUpdateCallback``.
 
@@ -19,6 +21,17 @@ See docs/efficient.md.
 
 from sobre.core.registry import lazy_attributes
 from sobre.efficient.budget import BudgetedNeuronSelector
+from sobre.efficient.compress import (
+    CompressedConv2d,
+    CompressedLinear,
+    compress_activations,
+    decompress_activations,
+    explained_rank,
+    hosvd,
+    svd_compress,
+    svd_reconstruct,
+    tucker_reconstruct,
+)
 from sobre.efficient.dynamic import SAMPLERS, SCORERS, ChannelBudget, LayerStats, UpdatePlan
 from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
 from sobre.efficient.neq import NEq, SCoTTi, backward_saving, drive_sparse, shuffle_mask
@@ -63,6 +76,8 @@ __all__ = [
     "ChannelSelector",
     "ChannelSparseConv2d",
     "ChannelSparseLinear",
+    "CompressedConv2d",
+    "CompressedLinear",
     "ImportanceSampling",
     "LayerStats",
     "MaskedOptimizer",
@@ -81,14 +96,21 @@ __all__ = [
     "VelocityPlateau",
     "VelocityReport",
     "backward_saving",
+    "compress_activations",
+    "decompress_activations",
     "densify",
     "drive_sparse",
+    "explained_rank",
     "fold_frozen_bn",
+    "hosvd",
     "mask_relus",
     "noise_probe",
     "probe_inputs",
     "set_trainable",
     "shuffle_mask",
     "sparsify",
+    "svd_compress",
+    "svd_reconstruct",
     "trainable_fractions",
+    "tucker_reconstruct",
 ]
