@@ -11,8 +11,9 @@ sparse updates).
 - ``neve``: NeVe (#48), LR decay and early stopping from neural velocity.
 - ``budget``: neuron selection under a parameter budget (#33).
 - ``dynamic``: TraDy (#41) and MeDyate (#45), memory-budgeted dynamic channel updates.
-- ``compress``: HOSVD_ε / SVD_ε compressed activations (#35, first piece): ``CompressedConv2d``,
-  ``CompressedLinear``, ``compress_activations`` / ``decompress_activations``.
+- ``compress``: HOSVD_ε / SVD_ε (#35) and ASI (#37) compressed activations: ``CompressedConv2d``,
+  ``CompressedLinear``, ``compress_activations`` / ``decompress_activations``, ``ASIState``,
+  ``select_ranks``.
 - ``callbacks`` (Lightning, imported on first use): ``NEqCallback``, ``NeVeCallback``,
   ``BudgetCallback``, ``SparseUpdateCallback``.
 
@@ -22,12 +23,14 @@ See docs/efficient.md.
 from sobre.core.registry import lazy_attributes
 from sobre.efficient.budget import BudgetedNeuronSelector
 from sobre.efficient.compress import (
+    ASIState,
     CompressedConv2d,
     CompressedLinear,
     compress_activations,
     decompress_activations,
     explained_rank,
     hosvd,
+    select_ranks,
     svd_compress,
     svd_reconstruct,
     tucker_reconstruct,
@@ -67,6 +70,7 @@ __all__ = [
     "NORMS",
     "SAMPLERS",
     "SCORERS",
+    "ASIState",
     "BitMaskReLU",
     "BitMaskReLU6",
     "Budget",
@@ -106,6 +110,7 @@ __all__ = [
     "mask_relus",
     "noise_probe",
     "probe_inputs",
+    "select_ranks",
     "set_trainable",
     "shuffle_mask",
     "sparsify",

@@ -20,6 +20,16 @@ A trained conv or linear layer keeps its whole input alive for the weight gradie
   in place, keeping their parameters and ``state_dict`` keys; :func:`decompress_activations`
   swaps them back.
 
+ASI (Nguyen et al., ICML 2025, paper #37), ``method="asi"``: HOSVD's four SVDs per step cost more
+than they save, and activation subspaces drift slowly, so the ranks ``K_n`` are fixed once
+(:func:`select_ranks`, under a byte budget) and each step runs ONE warm-started subspace
+iteration per mode, ``V = A_(n)ᵀ U_n^prev``, ``U_n = QR(A_(n) V)`` (i.e.
+``U_n ← orth(A_(n) A_(n)ᵀ U_n^prev)``; first step ``V`` Gaussian), then the HOSVD core
+``S = A ×_0 U_0ᵀ …``. The factors ``U_n^prev`` live in :class:`ASIState`, a submodule
+``asi_state`` of the layer whose buffers are in ``state_dict`` (a resume continues exactly). A
+conv input has 4 modes (B, C, H, W); a linear input is read as its ``(N, features)`` unfolding
+(2 modes).
+
 Compressing a layer frees nothing when a neighbour saves the same tensor (a ReLU saves its output,
 BatchNorm its input, spec §0): pair these layers with ``sobre.efficient.sparse.mask_relus`` and
 ``fold_frozen_bn``, and measure with :func:`sobre.core.measure.saved_activation_bytes`.
@@ -27,6 +37,7 @@ BatchNorm its input, spec §0): pair these layers with ``sobre.efficient.sparse.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,15 +48,18 @@ from torch.autograd.function import FunctionCtx
 
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.registry import suggest
+from sobre.core.taps import FeatureTap
 
 __all__ = [
     "METHODS",
+    "ASIState",
     "CompressedConv2d",
     "CompressedLinear",
     "compress_activations",
     "decompress_activations",
     "explained_rank",
     "hosvd",
+    "select_ranks",
     "svd_compress",
     "svd_reconstruct",
     "tucker_reconstruct",
@@ -54,7 +68,11 @@ __all__ = [
 M = TypeVar("M", bound=nn.Module)
 
 #: The compression methods of the compressed layers.
-METHODS = ("hosvd", "svd")
+METHODS = ("hosvd", "svd", "asi")
+
+Ranks = int | Sequence[int]
+"""ASI ranks of one layer: one int for every mode, or one per mode (4 for a conv, 2 for a
+linear layer)."""
 
 
 def _check(eps: float, method: str = "hosvd") -> None:
@@ -106,11 +124,21 @@ def hosvd(a: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
     Raises:
         ConfigError: ``eps`` outside (0, 1].
     """
-    factors = [_factor(a.movedim(n, 0).reshape(a.shape[n], -1), eps)[0] for n in range(a.ndim)]
+    factors = [_factor(_unfold(a, n), eps)[0] for n in range(a.ndim)]
+    return _core(a, factors), factors
+
+
+def _unfold(a: Tensor, n: int) -> Tensor:
+    """The mode-n unfolding ``A_(n)`` (I_n x Π_{m≠n} I_m)."""
+    return a.movedim(n, 0).reshape(a.shape[n], -1)
+
+
+def _core(a: Tensor, factors: list[Tensor]) -> Tensor:
+    """``S = A ×_0 U_0ᵀ … ×_{N-1} U_{N-1}ᵀ``."""
     core = a
     for u in factors:  # each product moves the contracted mode last, so the order is kept
         core = torch.tensordot(core, u, dims=([0], [0]))
-    return core, factors
+    return core
 
 
 def tucker_reconstruct(core: Tensor, factors: list[Tensor]) -> Tensor:
@@ -150,12 +178,74 @@ def svd_reconstruct(left: Tensor, right: Tensor, shape: torch.Size | tuple[int, 
     return flat.reshape(shape)
 
 
+class ASIState(nn.Module):
+    """ASI's warm-start factors: buffers ``factor_0 … factor_{N-1}``, ``U_n`` of the last step.
+
+    :meth:`step` runs one subspace iteration per mode (module doc). A mode whose size or rank
+    differs from its stored factor (first step, a smaller last batch, new ranks) is
+    re-initialised from a Gaussian ``V`` drawn from a generator seeded with ``seed``; the other
+    modes stay warm. The buffers' shapes follow the input, so loading a ``state_dict`` resizes
+    them to the stored shapes first: the next step then continues exactly where the saved
+    model left off.
+
+    Args:
+        modes: the number of modes of the compressed tensor (4 conv, 2 linear).
+        seed: seed of the Gaussian initialisation.
+    """
+
+    def __init__(self, modes: int, seed: int = 0) -> None:
+        super().__init__()
+        self.modes, self.seed = modes, seed
+        for n in range(modes):
+            self.register_buffer(f"factor_{n}", torch.empty(0, 0))
+
+    @property
+    def factors(self) -> list[Tensor]:
+        """The stored ``U_n`` (empty ``0 x 0`` before the first step)."""
+        return [getattr(self, f"factor_{n}") for n in range(self.modes)]
+
+    @torch.no_grad()
+    def step(self, a: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """One warm-started subspace iteration per mode of ``a`` at ``ranks`` (clipped to the
+        mode sizes); stores and returns the factors with the core ``S``."""
+        factors = []
+        for n, (prev, rank) in enumerate(zip(self.factors, ranks, strict=True)):
+            unfold = _unfold(a, n)
+            k = min(rank, a.shape[n])
+            if prev.shape == (a.shape[n], k):
+                v = unfold.t() @ prev.to(a)
+            else:
+                gen = torch.Generator().manual_seed(self.seed + n)
+                v = torch.randn(unfold.shape[1], k, generator=gen).to(a)
+            u = torch.linalg.qr(unfold @ v).Q.contiguous()  # as loaded from a state_dict
+            # the buffer is never the tensor saved for backward: an in-place update (kept
+            # object, so snapshot-and-restore of buffers works) cannot corrupt a pending backward
+            if prev.shape == u.shape:
+                prev.copy_(u)
+            else:
+                setattr(self, f"factor_{n}", u.clone())
+            factors.append(u)
+        return _core(a, factors), factors
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        for n, buf in enumerate(self.factors):
+            stored = state_dict.get(f"{prefix}factor_{n}")
+            if stored is not None:
+                setattr(self, f"factor_{n}", buf.new_empty(stored.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return f"modes={self.modes}, seed={self.seed}"
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How a compressed layer compresses its input and, for a conv, its geometry."""
 
     method: str
     eps: float
+    ranks: tuple[int, ...] = ()
+    state: ASIState | None = None
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
@@ -166,18 +256,30 @@ class _Spec:
 
 
 def _compress(x: Tensor, spec: _Spec) -> list[Tensor]:
-    """The tensors saved for ``x``: the core then the factors (HOSVD), or the two SVD factors."""
+    """The tensors saved for ``x``: the core then the factors (HOSVD, ASI), or the two SVD
+    factors."""
+    if spec.method == "svd":
+        return list(svd_compress(x, spec.eps))
     if spec.method == "hosvd":
         core, factors = hosvd(x, spec.eps)
-        return [core, *factors]
+    else:
+        assert spec.state is not None
+        core, factors = spec.state.step(_asi_view(x, spec), spec.ranks)
+    return [core, *factors]
+
+
+def _asi_view(x: Tensor, spec: _Spec) -> Tensor:
+    """The tensor ASI decomposes: the conv input itself, or a linear input's ``(N, features)``
+    unfolding."""
+    return x if spec.conv else x.reshape(-1, x.shape[-1])
     return list(svd_compress(x, spec.eps))
 
 
 def _reconstruct(saved: tuple[Tensor, ...], spec: _Spec, shape: torch.Size) -> Tensor:
     """The input rebuilt from what :func:`_compress` saved."""
-    if spec.method == "hosvd":
-        return tucker_reconstruct(saved[0], list(saved[1:]))
-    return svd_reconstruct(saved[0], saved[1], shape)
+    if spec.method == "svd":
+        return svd_reconstruct(saved[0], saved[1], shape)
+    return tucker_reconstruct(saved[0], list(saved[1:]))
 
 
 class _CompressedFn(torch.autograd.Function):
@@ -224,15 +326,53 @@ class _CompressedFn(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _modes(layer: nn.Module) -> int:
+    """The number of modes ASI decomposes for ``layer``: 4 for a conv, 2 for a linear layer."""
+    return 4 if isinstance(layer, nn.Conv2d) else 2
+
+
+def _ranks(ranks: Ranks | None, modes: int, name: str) -> tuple[int, ...]:
+    """``ranks`` as one positive int per mode, or a ConfigError naming ``name`` and the fix."""
+    if ranks is None:
+        raise ConfigError(
+            f"{name}: method='asi' needs ranks; pass ranks=int (every mode), a tuple of {modes} "
+            "ints (one per mode) or a dict layer -> ranks, e.g. from select_ranks()"
+        )
+    out = (int(ranks),) * modes if isinstance(ranks, int) else tuple(int(r) for r in ranks)
+    if len(out) != modes or min(out) < 1:
+        raise ConfigError(
+            f"{name}: ranks={ranks!r} must be one int >= 1 or {modes} of them (one per mode: "
+            f"{'B, C, H, W' if modes == 4 else 'N, features'})"
+        )
+    return out
+
+
 class _Compressed:
-    """Settings shared by the compressed layers: ``method`` and ``explained_var`` (ε)."""
+    """Settings shared by the compressed layers: ``method``, ``explained_var`` (ε) and, for ASI,
+    ``ranks`` and the warm-start submodule ``asi_state``."""
 
     method: str
     explained_var: float
+    ranks: tuple[int, ...] | None
 
-    def _configure(self, method: str, explained_var: float) -> None:
+    def _configure(self, method: str, explained_var: float, ranks: Ranks | None = None) -> None:
         _check(explained_var, method)
+        modes = _modes(self)  # type: ignore[arg-type]
+        self.ranks = _ranks(ranks, modes, type(self).__name__) if method == "asi" else None
         self.method, self.explained_var = method, float(explained_var)
+        if method == "asi" and not hasattr(self, "asi_state"):
+            self.asi_state = ASIState(modes)
+        elif method != "asi" and hasattr(self, "asi_state"):
+            del self.asi_state
+
+    def _spec(self, **conv: Any) -> _Spec:
+        return _Spec(
+            self.method,
+            self.explained_var,
+            self.ranks or (),
+            getattr(self, "asi_state", None),
+            **conv,
+        )
 
 
 class CompressedLinear(_Compressed, nn.Linear):
@@ -240,23 +380,28 @@ class CompressedLinear(_Compressed, nn.Linear):
 
     Args:
         *args: ``nn.Linear``'s arguments.
-        method: ``"hosvd"`` (HOSVD_ε) or ``"svd"`` (SVD_ε of the ``(N, features)`` unfolding).
-        explained_var: ε, the fraction of energy kept per mode, in (0, 1].
+        method: ``"hosvd"`` (HOSVD_ε), ``"svd"`` (SVD_ε of the ``(N, features)`` unfolding) or
+            ``"asi"`` (subspace iteration on that unfolding at fixed ``ranks``).
+        explained_var: ε, the fraction of energy kept per mode, in (0, 1] (HOSVD, SVD).
+        ranks: ASI's ranks (N, features): one int or two.
         **kwargs: ``nn.Linear``'s keyword arguments.
     """
 
     def __init__(
-        self, *args: Any, method: str = "hosvd", explained_var: float = 0.8, **kwargs: Any
+        self,
+        *args: Any,
+        method: str = "hosvd",
+        explained_var: float = 0.8,
+        ranks: Ranks | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._configure(method, explained_var)
+        self._configure(method, explained_var, ranks)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return _CompressedFn.apply(
-            x, self.weight, self.bias, _Spec(self.method, self.explained_var)
-        )
+        return _CompressedFn.apply(x, self.weight, self.bias, self._spec())
 
 
 class CompressedConv2d(_Compressed, nn.Conv2d):
@@ -267,21 +412,27 @@ class CompressedConv2d(_Compressed, nn.Conv2d):
 
     Args:
         *args: ``nn.Conv2d``'s arguments.
-        method: ``"hosvd"`` (HOSVD_ε over B, C, H, W) or ``"svd"`` (of the ``(B·H·W, C)``
-            unfolding).
-        explained_var: ε, the fraction of energy kept per mode, in (0, 1].
+        method: ``"hosvd"`` (HOSVD_ε over B, C, H, W), ``"svd"`` (of the ``(B·H·W, C)``
+            unfolding) or ``"asi"`` (subspace iteration over B, C, H, W at fixed ``ranks``).
+        explained_var: ε, the fraction of energy kept per mode, in (0, 1] (HOSVD, SVD).
+        ranks: ASI's ranks (B, C, H, W): one int or four.
         **kwargs: ``nn.Conv2d``'s keyword arguments.
 
     Raises:
-        ConfigError: a grouped or depthwise conv.
+        ConfigError: a grouped or depthwise conv, ASI without valid ranks.
     """
 
     def __init__(
-        self, *args: Any, method: str = "hosvd", explained_var: float = 0.8, **kwargs: Any
+        self,
+        *args: Any,
+        method: str = "hosvd",
+        explained_var: float = 0.8,
+        ranks: Ranks | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         _check_groups(self, type(self).__name__)
-        self._configure(method, explained_var)
+        self._configure(method, explained_var, ranks)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
@@ -291,7 +442,7 @@ class CompressedConv2d(_Compressed, nn.Conv2d):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
             padding = (0, 0)
-        spec = _Spec(self.method, self.explained_var, self.stride, padding, self.dilation)
+        spec = self._spec(stride=self.stride, padding=padding, dilation=self.dilation)
         return _CompressedFn.apply(x, self.weight, self.bias, spec)
 
 
@@ -341,37 +492,124 @@ def compress_activations(
     layers: list[str] | str = "last:2",
     method: str = "hosvd",
     explained_var: float = 0.8,
+    ranks: Ranks | Mapping[str, Ranks] | None = None,
 ) -> M:
     """Swap the selected ``nn.Conv2d`` / ``nn.Linear`` layers for compressed ones, in place.
 
     The swapped layers keep their parameters (same objects), hooks and ``state_dict`` keys, and
-    their outputs; layers already compressed take the new settings.
+    their outputs; layers already compressed take the new settings. ASI layers add the keys of
+    their warm-start buffers (``<layer>.asi_state.factor_<n>``, see :class:`ASIState`).
 
     Args:
         model: the model, edited in place.
         layers: ``"last:N"`` (the last N Conv2d/Linear modules of ``named_modules``), one module
             name or a list of names.
-        method: ``"hosvd"`` or ``"svd"``.
-        explained_var: ε in (0, 1].
+        method: ``"hosvd"``, ``"svd"`` or ``"asi"``.
+        explained_var: ε in (0, 1] (HOSVD, SVD).
+        ranks: ASI only: one int (every mode of every layer), one per mode (4 for a conv, 2 for
+            a linear layer) or a dict layer name -> ranks (e.g. :func:`select_ranks`'s).
 
     Returns:
         ``model``.
 
     Raises:
         UnknownNameError: a name that is not a Conv2d/Linear module (closest names listed).
-        ConfigError: bad ε or method, a grouped conv; the model is then left unchanged.
+        ConfigError: bad ε, method or ranks, a grouped conv; the model is then left unchanged.
     """
     _check(explained_var, method)
     names = _layer_names(model, layers)
     modules = [model.get_submodule(name) for name in names]
+    per_layer: list[tuple[int, ...] | None] = []
     for name, module in zip(names, modules, strict=True):
         if isinstance(module, nn.Conv2d):
             _check_groups(module, name)
-    for module in modules:
+        if method != "asi":
+            per_layer.append(None)
+            continue
+        if isinstance(ranks, Mapping) and name not in ranks:
+            raise ConfigError(
+                f"ranks has no entry for layer {name!r}; give every selected layer its ranks "
+                f"(selected: {names})"
+            )
+        given = ranks[name] if isinstance(ranks, Mapping) else ranks
+        per_layer.append(_ranks(given, _modes(module), name))
+    for module, layer_ranks in zip(modules, per_layer, strict=True):
         if not isinstance(module, _Compressed):
             module.__class__ = _COMPRESSED[type(module)]
-        module._configure(method, explained_var)  # type: ignore[operator]
+        module._configure(method, explained_var, layer_ranks)  # type: ignore[operator]
     return model
+
+
+def _tucker_bytes(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Float32 bytes of a Tucker decomposition: ``(Π K_n + Σ I_n K_n) · 4``."""
+    core = 1
+    for k in ranks:
+        core *= k
+    return 4 * (core + sum(i * k for i, k in zip(shape, ranks, strict=True)))
+
+
+@torch.no_grad()
+def select_ranks(
+    model: nn.Module,
+    batch: Tensor,
+    budget_bytes: int,
+    layers: list[str] | str = "last:2",
+) -> dict[str, tuple[int, ...]]:
+    """ASI's fixed ranks under a memory budget, from one forward on ``batch`` (#37).
+
+    Records each selected layer's input (``FeatureTap``, input capture; a linear input as its
+    ``(N, features)`` unfolding), takes the singular values σ_{n,k} of every mode unfolding and
+    allocates greedily: starting from rank 1 everywhere, it repeatedly grows the (layer, mode)
+    whose next singular value removes the most relative truncation error
+    ``σ²_{n,K_n+1} / ||A||²`` (the HOSVD error bound ``Σ_n Σ_{k>K_n} σ²_{n,k}``, per layer
+    normalised) per added byte, while ``Σ_l (|S_l| + Σ_n |U_{l,n}|) · 4 ≤ budget_bytes``. This
+    greedy replaces the paper's ε-grid knapsack over measured gradient errors.
+
+    Returns:
+        layer name -> ranks (4 for a conv: B, C, H, W; 2 for a linear layer), ready for
+        ``compress_activations(..., method="asi", ranks=...)``.
+
+    Raises:
+        UnknownNameError: a name that is not a Conv2d/Linear module.
+        ConfigError: ``budget_bytes`` below the rank-1 minimum (named in the message).
+    """
+    names = _layer_names(model, layers)
+    with FeatureTap(model, names, capture="input") as tap:
+        model(batch)
+    shapes, energies = {}, {}
+    for name in names:
+        a = tap.features[name].float()
+        a = a if _modes(model.get_submodule(name)) == 4 else a.reshape(-1, a.shape[-1])
+        total = a.square().sum().clamp_min(1e-30)
+        shapes[name] = tuple(a.shape)
+        energies[name] = [
+            torch.linalg.svdvals(_unfold(a, n)).square() / total for n in range(a.ndim)
+        ]
+    ranks = {name: [1] * len(shape) for name, shape in shapes.items()}
+    used = sum(_tucker_bytes(shapes[name], ranks[name]) for name in names)
+    if used > budget_bytes:
+        raise ConfigError(
+            f"budget_bytes={budget_bytes} is below the minimum {used} bytes (rank 1 in every "
+            f"mode of {names}); raise the budget or select fewer layers"
+        )
+    while True:
+        best: tuple[float, int, str, int] | None = None
+        for name in names:
+            for n, k in enumerate(ranks[name]):
+                if k >= len(energies[name][n]):  # no energy left in this mode
+                    continue
+                grown = [*ranks[name][:n], k + 1, *ranks[name][n + 1 :]]
+                extra = _tucker_bytes(shapes[name], grown) - _tucker_bytes(
+                    shapes[name], ranks[name]
+                )
+                gain = float(energies[name][n][k]) / extra
+                if used + extra <= budget_bytes and (best is None or gain > best[0]):
+                    best = (gain, extra, name, n)
+        if best is None:
+            return {name: tuple(r) for name, r in ranks.items()}
+        _, extra, name, n = best
+        ranks[name][n] += 1
+        used += extra
 
 
 def decompress_activations(model: M) -> M:
@@ -379,6 +617,8 @@ def decompress_activations(model: M) -> M:
     (same parameter objects)."""
     for module in model.modules():
         if isinstance(module, _Compressed):
-            del module.method, module.explained_var
+            if hasattr(module, "asi_state"):
+                del module.asi_state
+            del module.method, module.explained_var, module.ranks
             module.__class__ = next(d for d, c in _COMPRESSED.items() if isinstance(module, c))
     return model
