@@ -183,26 +183,41 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Predicted classes, labels ``y`` and bias labels ``b`` over an (x, y, b) loader (eval)."""
+def predictions(
+    model: nn.Module, loader: Iterable[Sequence[Any]], *, items: int, need: str, fn: str
+) -> list[Tensor]:
+    """Predicted classes then the batches' items 1..``items - 1`` (y, b, ...), concatenated,
+    in loader order, with ``model`` in eval mode (restored afterwards).
+
+    Args:
+        items: how many elements each batch must hold (2 for (x, y), 3 for (x, y, b)).
+        need: the batch layout named in the error, e.g. ``"(x, y, b)"``.
+        fn: the caller, named in the errors.
+    """
     device, was_training = _device(model), model.training
     model.eval()
-    preds, ys, bs = [], [], []
+    parts: list[list[Tensor]] = [[] for _ in range(items)]
     try:
         for batch in loader:
-            if len(batch) < 3:
+            if not isinstance(batch, tuple | list) or len(batch) < items:
+                got = len(batch) if isinstance(batch, tuple | list) else 1
                 raise ConfigError(
-                    "predict needs (x, y, b) batches to report bias metrics; the loader yields "
-                    f"{len(batch)} items per batch"
+                    f"{fn} needs {need} batches; the loader yields {got} items per batch"
                 )
-            preds.append(model(batch[0].to(device)).argmax(1).cpu())
-            ys.append(torch.as_tensor(batch[1]).cpu())
-            bs.append(torch.as_tensor(batch[2]).cpu())
+            parts[0].append(model(batch[0].to(device)).argmax(1).cpu())
+            for i in range(1, items):
+                parts[i].append(torch.as_tensor(batch[i]).cpu())
     finally:
         model.train(was_training)
-    if not preds:
-        raise ConfigError("predict: the loader yielded no batch")
-    return torch.cat(preds), torch.cat(ys), torch.cat(bs)
+    if not parts[0]:
+        raise ConfigError(f"{fn}: the loader yielded no batch; pass a non-empty loader")
+    return [torch.cat(p) for p in parts]
+
+
+def predict(model: nn.Module, loader: Iterable[Sequence[Any]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Predicted classes, labels ``y`` and bias labels ``b`` over an (x, y, b) loader (eval)."""
+    pred, y, b = predictions(model, loader, items=3, need="(x, y, b)", fn="predict")
+    return pred, y, b
 
 
 def bias_report(

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from sobre.core.errors import ConfigError
-from sobre.fairness.base import train
+from sobre.fairness.base import predictions, train
 from sobre.fairness.metrics import AlignedBias, aligned_accuracy, as_labels, conflicting_accuracy
 from sobre.fairness.probe import features_of
 
@@ -201,30 +201,13 @@ def _choose_k(z: Tensor, max_clusters: int, seed: int, sample: int) -> int:
     return max(scores, key=lambda k: (scores[k], -k))
 
 
-@torch.no_grad()
 def misclassified(model: nn.Module, loader: Iterable[Sequence[Any]]) -> Tensor:
     """1[model(x) ≠ y] per sample, in loader order (eval mode, restored afterwards).
 
     JTT's error set, and #17's binary pseudo bias label (1 = bias-conflicting).
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    wrong = []
-    try:
-        for batch in loader:
-            if not isinstance(batch, tuple | list) or len(batch) < 2:
-                raise ConfigError(
-                    "misclassified needs (x, y, ...) batches: the labels y decide which "
-                    "samples the model gets wrong"
-                )
-            pred = model(batch[0].to(device)).argmax(1).cpu()
-            wrong.append(pred != torch.as_tensor(batch[1]).cpu())
-    finally:
-        model.train(was_training)
-    if not wrong:
-        raise ConfigError("misclassified: the loader yielded no batch; pass a non-empty loader")
-    return torch.cat(wrong)
+    pred, y = predictions(model, loader, items=2, need="(x, y, ...)", fn="misclassified")
+    return pred != y
 
 
 def _check_order(loader: object, fn: str) -> None:

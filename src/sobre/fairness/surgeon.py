@@ -51,6 +51,7 @@ from sobre.core.masks import attach_mask, get_mask, sparsity
 from sobre.core.methods import StepContext
 from sobre.core.taps import FeatureTap
 from sobre.fairness.base import BiasRegularizer, train
+from sobre.fairness.metrics import group_counts
 
 __all__ = [
     "BISE",
@@ -84,15 +85,15 @@ def group_weight_table(loader: Iterable[Batch]) -> Tensor:
     Raises:
         ConfigError: batches without a bias label, unknown bias labels (b = -1), empty loader.
     """
-    counts: dict[tuple[int, int], int] = {}
     checker = GroupBalancedCE(torch.ones(1, 1))
+    ys, bs = [], []
     for batch in loader:
         x, y, *extra = batch
-        b = checker.bias_labels(StepContext(nn.Identity(), x, torch.as_tensor(y), extra=extra))
-        for g in zip(torch.as_tensor(y).tolist(), b.tolist(), strict=True):
-            counts[g] = counts.get(g, 0) + 1
-    if not counts:
+        ys.append(torch.as_tensor(y))
+        bs.append(checker.bias_labels(StepContext(nn.Identity(), x, ys[-1], extra=extra)))
+    if not ys:
         raise ConfigError("group_weight_table: the loader yielded no batch")
+    counts = group_counts(torch.cat(ys), torch.cat(bs))
     n_y = 1 + max(g[0] for g in counts)
     n_b = 1 + max(g[1] for g in counts)
     table = torch.zeros(n_y, n_b)
