@@ -40,3 +40,10 @@ def split_members(logits: Tensor, num_members: int) -> Tensor:
 def member_targets(targets: Tensor, num_members: int) -> Tensor:
     """Targets repeated member-major, matching ``(M·B, K)`` logits."""
     return targets.repeat(num_members, *([1] * (targets.ndim - 1)))
+
+
+def mean_probs(logits: Tensor, num_members: int) -> Tensor:
+    """The members' mean softmax ``(B, K)`` (a plain softmax when ``num_members == 1``)."""
+    if num_members == 1:
+        return logits.softmax(-1)
+    return split_members(logits, num_members).softmax(-1).mean(1)

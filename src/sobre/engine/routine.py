@@ -20,16 +20,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import restore_masks
-from sobre.core.members import member_targets, num_members, split_members
+from sobre.core.members import mean_probs, member_targets, num_members
 from sobre.core.methods import Regularizer, SetupHook, StepContext, task_weight, total
 from sobre.core.taps import FeatureTap
 
 Stage = Literal["train", "val", "test"]
-
-
-def _mean_probs(logits: Tensor, m: int) -> Tensor:
-    """The members' mean softmax ``(B, K)`` (an ordinary model's softmax when ``m == 1``)."""
-    return logits.softmax(-1) if m == 1 else split_members(logits, m).softmax(-1).mean(1)
 
 
 class ClassificationRoutine(pl.LightningModule):
@@ -163,7 +158,7 @@ class ClassificationRoutine(pl.LightningModule):
             terms.update({k: v for k, v in reg.terms(ctx).items()})
         loss = total(terms)
         self.step_context = ctx
-        self.acc["train_acc"](_mean_probs(logits.detach(), m), y)
+        self.acc["train_acc"](mean_probs(logits.detach(), m), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         if len(terms) > 1:
             self.log_dict(
@@ -177,7 +172,7 @@ class ClassificationRoutine(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self.net(x)
         m = num_members(self.net)
-        probs = _mean_probs(logits, m)
+        probs = mean_probs(logits, m)
         self.acc[f"{stage}_acc"](probs, y)
         # the ensemble's NLL (of the mean probability); an ordinary model's cross-entropy
         loss = self.criterion(logits, y) if m == 1 else F.nll_loss(probs.clamp_min(1e-12).log(), y)

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from sobre.core.errors import ConfigError
-from sobre.core.members import num_members, split_members
+from sobre.core.members import mean_probs, num_members
 from sobre.fairness.metrics import AlignedBias, BiasReport, group_proportions
 from sobre.fairness.probe import ProbeKind, features_of, probe_attack
 
@@ -135,8 +135,7 @@ class BiasMetrics(Callback):
         for batch in loader:
             logits = pl_module(batch[0].to(pl_module.device))
             m = num_members(getattr(pl_module, "net", pl_module))
-            probs = split_members(logits, m).softmax(-1).mean(1) if m > 1 else logits
-            pred = probs.argmax(-1).cpu()
+            pred = mean_probs(logits, m).argmax(-1).cpu()
             hits += int((pred == batch[1]).sum())
             total += len(pred)
         return hits / total
