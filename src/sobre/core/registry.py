@@ -7,9 +7,10 @@ import importlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-from sobre.core.errors import UnknownNameError
+from sobre.core.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 def closest(name: str, choices: list[str] | tuple[str, ...], n: int = 3) -> list[str]:
@@ -23,6 +24,20 @@ def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """A ``did you mean ...?`` hint (empty when nothing is close)."""
     hits = closest(name, choices)
     return f"; did you mean {' or '.join(repr(h) for h in hits)}?" if hits else ""
+
+
+def check_choice(name: str, value: V, choices: Iterable[object], owner: str = "") -> V:
+    """``value`` if it is one of ``choices``, else a :class:`ConfigError` naming them (and the
+    closest).
+
+    The message reads ``"<owner>: <name>=<value> is unknown; choose one of [...]"``.
+    """
+    known = list(choices)
+    if value not in known:
+        hint = suggest(value, [str(c) for c in known]) if isinstance(value, str) else ""
+        where = f"{owner}: " if owner else ""
+        raise ConfigError(f"{where}{name}={value!r} is unknown; choose one of {known}{hint}")
+    return value
 
 
 def lazy_attributes(package: str, module: str, names: Iterable[str]) -> Callable[[str], Any]:

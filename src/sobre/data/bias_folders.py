@@ -40,7 +40,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
 from sobre.core.errors import ConfigError, DataNotFoundError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 from sobre.data.base import (
     DATASETS,
     SobreDataModule,
@@ -51,7 +51,6 @@ from sobre.data.base import (
     refuse_label_wrappers,
     stratified_split,
 )
-from sobre.data.ood import _choice
 
 __all__ = [
     "BFFHQ",
@@ -472,7 +471,7 @@ def lff_datasets(
     """
     if name not in LFF_CARDS:
         raise ConfigError(f"unknown LfF-layout benchmark {name!r}{suggest(name, list(LFF_CARDS))}")
-    _choice("test_split", test_split, _TEST_SPLITS)
+    check_choice("test_split", test_split, _TEST_SPLITS)
     card, (default_pct, default_size) = LFF_CARDS[name], _LFF_DEFAULTS[name]
     folders = lff_folders(card, root, default_pct if pct is None else pct)
     size = default_size if image_size is None else image_size
@@ -708,7 +707,7 @@ class _LfFDataModule(BiasFolderDataModule):
     ) -> None:
         default_pct, default_size = _LFF_DEFAULTS[self.name]
         super().__init__(image_size=default_size if image_size is None else image_size, **common)
-        _choice("test_split", test_split, _TEST_SPLITS)
+        check_choice("test_split", test_split, _TEST_SPLITS)
         self.root, self.pct, self.test_split = root, default_pct if pct is None else pct, test_split
         lff_folders(self.card, root, self.pct)  # a missing tree fails now
 
@@ -969,7 +968,7 @@ def corrupt(images: Tensor, corruption: str, severity: int = 4, *, seed: int = 0
         ConfigError: unknown corruption (closest names suggested), severity outside 1-5, or a
             tensor of the wrong shape.
     """
-    name = _choice("corruption", corruption, CORRUPTIONS)
+    name = check_choice("corruption", corruption, CORRUPTIONS)
     if isinstance(severity, bool) or severity not in range(1, 6):
         raise ConfigError(f"severity must be an integer in 1..5, got {severity!r}; e.g. 4")
     if images.dim() not in (3, 4) or images.shape[-3] not in (1, 3):

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.data.base import (
     DATASETS,
     SobreDataModule,
@@ -104,11 +105,6 @@ def check_palette(palette: object) -> Tensor:
     return values.to(torch.uint8)
 
 
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
 def check_colouring(
     n_confusing: object, n_conflicting_per_class: object, colour_target: object, rest: object
 ) -> None:
@@ -120,8 +116,8 @@ def check_colouring(
         )
     if n_conflicting_per_class is not None:
         check_int("n_conflicting_per_class", n_conflicting_per_class, 0)
-    _check_choice("colour_target", colour_target, ("background", "digit"))
-    _check_choice("rest", rest, ("others", "uniform"))
+    check_choice("colour_target", colour_target, ("background", "digit"))
+    check_choice("rest", rest, ("others", "uniform"))
     if rest == "uniform" and n_confusing != 9:
         raise ConfigError(
             f"rest='uniform' spreads the non-aligned samples over all 10 colours, so "
@@ -250,7 +246,7 @@ def biased_mnist_datasets(
         **colouring: ``palette``, ``n_confusing``, ``n_conflicting_per_class`` (training set
             only) and ``colour_target``, see :func:`colour_mnist`.
     """
-    _check_choice("rest", rest, tuple(_UNBIASED_RHO))
+    check_choice("rest", rest, tuple(_UNBIASED_RHO))
     unbiased = _UNBIASED_RHO[rest]
     val_rho = unbiased if val_rho is None else check_rho(val_rho, "val_rho")
     shared = {k: v for k, v in colouring.items() if k != "n_conflicting_per_class"}
@@ -324,7 +320,7 @@ class BiasedMNISTDataModule(SobreDataModule):
         if val_rho is not None:
             check_rho(val_rho, "val_rho")
         check_colouring(n_confusing, n_conflicting_per_class, colour_target, rest)
-        _check_choice("test_split", test_split, ("unbiased", "biased"))
+        check_choice("test_split", test_split, ("unbiased", "biased"))
         self.test_split = test_split
         self.options: dict[str, Any] = {
             "rho": rho,

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from sobre.core.errors import ConfigError, DataNotFoundError
-from sobre.core.registry import Registry, suggest
+from sobre.core.registry import Registry, check_choice
 from sobre.data.base import SobreDataModule, check_int, check_keywords, default_data_root
 from sobre.data.cifar import CIFAR10, CIFAR100, CifarSpec, _ByteImages
 from sobre.data.packaged import MNIST_MEAN, MNIST_STD, mnist5k_datasets
@@ -99,15 +99,6 @@ _CIFAR10C_SOURCE = (
 )
 
 
-def _choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"{name}={value!r} is not one of {', '.join(map(repr, choices))}"
-            f"{suggest(str(value), list(choices))}"
-        )
-    return str(value)
-
-
 def _local_folder(
     title: str, folder: str, files: Sequence[str], root: str | Path | None, source: str
 ) -> Path:
@@ -126,7 +117,7 @@ def _local_folder(
 
 
 def _mnist5k_split(split: str) -> TensorDataset:
-    dataset = mnist5k_datasets()[_MNIST_SPLITS.index(_choice("split", split, _MNIST_SPLITS))]
+    dataset = mnist5k_datasets()[_MNIST_SPLITS.index(check_choice("split", split, _MNIST_SPLITS))]
     assert isinstance(dataset, TensorDataset)
     return dataset
 
@@ -187,7 +178,7 @@ def photo_crops(*, n: int = 1000, seed: int = 0, photos: Sequence[str] = PHOTOS)
             :data:`OTHER_PHOTOS`.
     """
     n = check_int("n", n, 1)
-    names = [_choice("photo", p, (*PHOTOS, *OTHER_PHOTOS)) for p in photos]
+    names = [check_choice("photo", p, (*PHOTOS, *OTHER_PHOTOS)) for p in photos]
     if not names:
         raise ConfigError(f"photos must name at least one photo, e.g. photos={PHOTOS}")
     images = [_photo(p) for p in names]
@@ -269,7 +260,7 @@ def svhn_arrays(root: str | Path | None = None, *, split: str = "test") -> tuple
             root, ``$SOBRE_DATA_DIR`` or ``~/.cache/sobre/data``).
         split: ``"test"``, ``"train"`` or ``"extra"``.
     """
-    file = f"{_choice('split', split, ('test', 'train', 'extra'))}_32x32.mat"
+    file = f"{check_choice('split', split, ('test', 'train', 'extra'))}_32x32.mat"
     folder = _local_folder("SVHN", "svhn", (file,), root, _SVHN_SOURCE.format(file=file))
     from scipy.io import loadmat
 
@@ -298,7 +289,7 @@ def svhn(
         stats: the ID set whose normalisation to apply, ``"cifar10"`` or ``"cifar100"``
             (:func:`ood_dataset` passes the ``like`` datamodule's name).
     """
-    spec = _NORMS[_choice("stats", stats, tuple(_NORMS))]
+    spec = _NORMS[check_choice("stats", stats, tuple(_NORMS))]
     images, _ = svhn_arrays(root, split=split)
     return _ByteImages(images, _unknown(len(images)), spec)
 
@@ -318,7 +309,7 @@ def cifar10c(
         corruption: one of :data:`CIFAR10C_CORRUPTIONS`.
         severity: 1 (mild) .. 5 (strong).
     """
-    corruption = _choice("corruption", corruption, CIFAR10C_CORRUPTIONS)
+    corruption = check_choice("corruption", corruption, CIFAR10C_CORRUPTIONS)
     if isinstance(severity, bool) or severity not in range(1, 6):
         raise ConfigError(f"severity must be an integer in 1..5, got {severity!r}")
     files = (f"{corruption}.npy", "labels.npy")

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
+from sobre.core.registry import check_choice
 from sobre.fairness.base import BiasRegularizer, check_weights
 
 __all__ = ["EpsSupInfoNCE", "FairKL", "FairKLObjective"]
@@ -59,13 +60,6 @@ log = logging.getLogger(__name__)
 Form = Literal["out", "in"]
 Mode = Literal["moments", "kl"]
 Behaviour = Literal["fixed", "released"]
-
-
-def _choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"{owner}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
-        )
 
 
 def _number(owner: str, name: str, value: object, *, zero: bool = False) -> float:
@@ -122,7 +116,7 @@ class EpsSupInfoNCE(nn.Module):
         self.base_temperature = _number(owner, "base_temperature", base_temperature)
         self.epsilon = _number(owner, "epsilon", epsilon, zero=True)
         self.log_eps = _number(owner, "log_eps", log_eps, zero=True)
-        _choice(owner, "form", form, get_args(Form))
+        check_choice("form", form, get_args(Form), owner)
         if strong and form != "out":
             raise ConfigError(
                 f"{owner}: ε-SupCon (strong=True) exists in the 'out' form only; pass form='out'"
@@ -222,8 +216,8 @@ class FairKL(nn.Module):
         self.temperature = _number(owner, "temperature", temperature)
         self.min_std = _number(owner, "min_std", min_std)
         self.std_weight = _number(owner, "std_weight", std_weight, zero=True)
-        _choice(owner, "mode", mode, get_args(Mode))
-        _choice(owner, "behaviour", behaviour, get_args(Behaviour))
+        check_choice("mode", mode, get_args(Mode), owner)
+        check_choice("behaviour", behaviour, get_args(Behaviour), owner)
         self.mode, self.behaviour = mode, behaviour
         self.alignment_term = bool(alignment_term)
         self.batches = 0

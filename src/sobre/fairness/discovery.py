@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.fairness.base import predictions, train
 from sobre.fairness.metrics import AlignedBias, aligned_accuracy, as_labels, conflicting_accuracy
 from sobre.fairness.probe import features_of
@@ -93,8 +94,7 @@ def train_bias_capturing(
     Returns:
         The per-epoch losses of :func:`~sobre.fairness.base.train`.
     """
-    if loss not in get_args(BiasLoss):
-        raise ConfigError(f"train_bias_capturing: loss={loss!r} is unknown; use 'ce' or 'gce'")
+    check_choice("loss", loss, get_args(BiasLoss), "train_bias_capturing")
     criterion = GCELoss(q) if loss == "gce" else None
     return train(model, loader, epochs=epochs, optimizer=optimizer, criterion=criterion)
 
@@ -248,9 +248,7 @@ def pseudo_bias_labels(
     Returns:
         (N,) int64 pseudo bias labels, ≥ 0.
     """
-    methods = get_args(PseudoMethod)
-    if method not in methods:
-        raise ConfigError(f"pseudo_bias_labels: method={method!r} is unknown; use one of {methods}")
+    check_choice("method", method, get_args(PseudoMethod), "pseudo_bias_labels")
     if n_clusters is not None and n_clusters < 1:
         raise ConfigError(f"pseudo_bias_labels: n_clusters must be >= 1 or None, got {n_clusters}")
     if max_clusters < 2 or silhouette_sample < 3:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sobre.core import dist
 from sobre.core.errors import ConfigError
 from sobre.core.methods import Regularizer, StepContext
+from sobre.core.registry import check_choice
 from sobre.fairness.base import BiasRegularizer, train
 from sobre.fairness.discovery import misclassified
 
@@ -57,8 +58,7 @@ class GroupDRO(BiasRegularizer):
         self, num_classes: int, num_bias: int, *, eta: float = 0.01, groups: GroupBy = "yb"
     ) -> None:
         super().__init__()
-        if groups not in get_args(GroupBy):
-            raise ConfigError(f"GroupDRO: groups={groups!r} is unknown; use 'yb' or 'b'")
+        check_choice("groups", groups, get_args(GroupBy), "GroupDRO")
         if num_classes < 1 or num_bias < 1 or not eta > 0:
             raise ConfigError(
                 f"GroupDRO: need num_classes >= 1, num_bias >= 1 and eta > 0, got {num_classes}, "

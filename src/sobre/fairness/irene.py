@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
+from sobre.core.registry import check_choice
 from sobre.fairness.base import BiasRegularizer
 
 __all__ = ["IRENE", "HeadKind", "MIKind", "mutual_information_estimate"]
@@ -58,8 +59,7 @@ def mutual_information_estimate(
     ``J = (1/B) Σ_i onehot(p_i) ⊗ softmax(head(z_i))``, ``Σ J log(J / (J_row J_col))``. A head
     that ignores z (a chance head) gives 0 with either estimator.
     """
-    if kind not in get_args(MIKind):
-        raise ConfigError(f"mi={kind!r} is unknown; choose one of {list(get_args(MIKind))}")
+    check_choice("mi", kind, get_args(MIKind))
     logits = head(z)
     classes = logits.shape[1]
     _check_private(p, classes)
@@ -112,10 +112,8 @@ class IRENE(BiasRegularizer):
         layer: str = "embedding",
     ) -> None:
         super().__init__()
-        if head not in get_args(HeadKind):
-            raise ConfigError(f"head={head!r} is unknown; choose one of {list(get_args(HeadKind))}")
-        if mi not in get_args(MIKind):
-            raise ConfigError(f"mi={mi!r} is unknown; choose one of {list(get_args(MIKind))}")
+        check_choice("head", head, get_args(HeadKind), "IRENE")
+        check_choice("mi", mi, get_args(MIKind), "IRENE")
         sizes = (("feature_dim", feature_dim, 1), ("num_private", num_private, 2))
         sizes += (("head_steps", head_steps, 1), ("hidden", hidden, 1))
         for key, value, least in sizes:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 
 Group = tuple[int, int]
 AlignedBias = Mapping[int, int] | Callable[[int], int] | None
@@ -295,9 +296,7 @@ def select_checkpoint(
     Raises:
         ConfigError: unknown ``select_by``, empty history, or no epoch holding the key.
     """
-    choices = get_args(SelectBy)
-    if select_by not in choices:
-        raise ConfigError(f"select_by={select_by!r} is unknown; choose one of {list(choices)}")
+    check_choice("select_by", select_by, get_args(SelectBy))
     if not history:
         raise ConfigError("select_checkpoint: empty history; train at least one epoch")
     if select_by == "last":

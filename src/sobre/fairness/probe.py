@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
 from sobre.fairness.metrics import as_labels
 
@@ -104,9 +105,7 @@ def probe_attack(
             attributes', negative or single-class training attributes, an unknown probe kind or
             non-positive sizes.
     """
-    kinds = get_args(ProbeKind)
-    if probe not in kinds:
-        raise ConfigError(f"leakage: probe={probe!r} is unknown; choose one of {list(kinds)}")
+    check_choice("probe", probe, get_args(ProbeKind), "leakage")
     if hidden < 1 or epochs < 1 or (batch_size is not None and batch_size < 1):
         raise ConfigError(
             f"leakage: hidden, epochs and batch_size must be >= 1, got hidden={hidden}, "

@@ -49,6 +49,7 @@ from sobre.core.compact import channel_groups, compact
 from sobre.core.errors import ConfigError
 from sobre.core.masks import attach_mask, get_mask, sparsity
 from sobre.core.methods import StepContext
+from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
 from sobre.fairness.base import BiasRegularizer, train
 from sobre.fairness.metrics import group_counts
@@ -464,10 +465,8 @@ class FantasticWeights:
         physically_prune: bool = False,
     ) -> None:
         _check_granularity(granularity)
-        if mi not in ("confusion", "entropy"):
-            raise ConfigError(f"mi must be 'confusion' or 'entropy', got {mi!r}")
-        if reweight not in ("group", None):
-            raise ConfigError(f"reweight must be 'group' or None, got {reweight!r}")
+        check_choice("mi", mi, ("confusion", "entropy"))
+        check_choice("reweight", reweight, ("group", None))
         for arg, value in (("gamma", gamma), ("l1", l1)):
             if not value >= 0:
                 raise ConfigError(f"{arg} must be >= 0, got {value}")
