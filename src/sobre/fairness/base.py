@@ -95,7 +95,8 @@ def check_weights(owner: str, **weights: float) -> None:
         )
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
@@ -131,7 +132,7 @@ def train(
     params = [p for m in (model, *regularizers) for p in m.parameters() if p.requires_grad]
     opt = (optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=1e-4)))(params)
     sched = scheduler(opt) if scheduler is not None else None
-    device = _device(model)
+    device = model_device(model)
     for reg in regularizers:
         reg.to(device)
         if isinstance(reg, SetupHook):
@@ -194,7 +195,7 @@ def predictions(
         need: the batch layout named in the error, e.g. ``"(x, y, b)"``.
         fn: the caller, named in the errors.
     """
-    device, was_training = _device(model), model.training
+    device, was_training = model_device(model), model.training
     model.eval()
     parts: list[list[Tensor]] = [[] for _ in range(items)]
     try:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from sobre.core.errors import ConfigError
 from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
+from sobre.fairness.base import model_device
 from sobre.fairness.metrics import as_labels
 
 ProbeKind = Literal["linear", "mlp"]
@@ -232,7 +233,7 @@ def features_of(
             f"name exactly one module"
         )
     name = tap.names[0]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     parts: list[list[Tensor]] = []
     was_training = model.training
     model.eval()

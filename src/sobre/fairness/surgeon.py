@@ -51,7 +51,7 @@ from sobre.core.masks import attach_mask, get_mask, sparsity
 from sobre.core.methods import StepContext
 from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
-from sobre.fairness.base import BiasRegularizer, train
+from sobre.fairness.base import BiasRegularizer, model_device, train
 from sobre.fairness.metrics import group_counts
 
 __all__ = [
@@ -173,7 +173,7 @@ def reestimate_bn(model: nn.Module, loader: Iterable[Batch]) -> nn.Module:
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in norms]
     was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
@@ -283,7 +283,8 @@ class MaskedSubnetwork(nn.Module):
             )
         self.sites = sites
         self.scores = nn.ParameterList(
-            nn.Parameter(torch.full(s.size, float(init), device=_device(self.model))) for s in sites
+            nn.Parameter(torch.full(s.size, float(init), device=model_device(self.model)))
+            for s in sites
         )
         for site in sites:
             for module, kind, _ in site.members:
@@ -357,10 +358,6 @@ def _spread(mask: Tensor, positions: Tensor) -> Tensor:
     return torch.where(positions >= 0, mask[positions.clamp_min(0)], torch.ones_like(mask[:1]))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def _check_granularity(granularity: str) -> None:
     if granularity not in ("weight", "channel"):
         raise ConfigError(
@@ -409,7 +406,7 @@ class MaskResult:
             for key, value in stats.items():
                 getattr(bn, key).copy_(value)
         if physically_prune:
-            out = compact(out, example_inputs=self.example_inputs.to(_device(out)))
+            out = compact(out, example_inputs=self.example_inputs.to(model_device(out)))
         return out
 
 
@@ -524,7 +521,7 @@ class FantasticWeights:
             table = group_weight_table(loader)
         except ConfigError as err:
             raise ConfigError(f"{type(self).__name__}: {err}") from None
-        device = _device(model)
+        device = model_device(model)
         balanced = GroupBalancedCE(table).to(device)
         first = next(iter(loader))[0][:2].to(device)
         net = MaskedSubnetwork(
