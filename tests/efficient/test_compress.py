@@ -28,7 +28,9 @@ from sobre.efficient.compress import (
 
 def smooth(*shape: int, seed: int = 0) -> Tensor:
     """A low-rank-ish activation: a few separable sinusoids per (sample, channel) plus 5% noise;
-    a 2-D shape (N, F) is read as N rows of F smooth samples."""
+    a 2-D shape (N, F) is read as N rows of F smooth samples, a 3-D one (B, N, F) as B·N rows."""
+    if len(shape) == 3:
+        return smooth(shape[0] * shape[1], shape[2], seed=seed).reshape(shape)
     gen = torch.Generator().manual_seed(seed)
     *lead, h, w = shape if len(shape) == 4 else (*shape[:1], 1, 1, shape[1])
     ys, xs = torch.linspace(0, 1, h), torch.linspace(0, 1, w)
@@ -72,7 +74,36 @@ CASES = [
         id="reflect",
     ),
     pytest.param(lambda: nn.Linear(12, 5), (16, 12), id="linear"),
+    pytest.param(lambda: nn.Linear(12, 5), (3, 7, 12), id="tokens"),
 ]
+
+
+@pytest.mark.parametrize("method", ["hosvd", "svd"])
+@pytest.mark.parametrize(("make", "shape"), CASES)
+def test_factor_space_weight_gradient_equals_the_rebuilt_input_gradient(
+    method: str, make, shape
+) -> None:
+    """The contraction of the output gradient with the factors is the gradient of the
+    reconstructed input, at a truncating ε (no reconstruction inside backward)."""
+    torch.manual_seed(0)
+    layer = make()
+    x = smooth(*shape)
+    compressed = twin(layer, method, 0.6)
+    _, gw, _ = gradients(compressed, x)
+    if isinstance(layer, nn.Conv2d):
+        padded = compressed._reversed_padding_repeated_twice
+        if compressed.padding_mode != "zeros":
+            x = torch.nn.functional.pad(x, padded, mode=compressed.padding_mode)
+        padding = (0, 0) if compressed.padding_mode != "zeros" else compressed.padding
+    if method == "hosvd":
+        rebuilt = tucker_reconstruct(*hosvd(x, 0.6))
+    else:
+        rebuilt = svd_reconstruct(*svd_compress(x, 0.6), x.shape)
+    reference = nn.Sequential(copy.deepcopy(layer))[0]
+    if isinstance(layer, nn.Conv2d):
+        reference.padding, reference.padding_mode = padding, "zeros"
+    _, expected, _ = gradients(reference, rebuilt)
+    assert relative(gw, expected) < 1e-4 and relative(gw, gradients(layer, x)[1]) > 1e-3
 
 
 @pytest.mark.parametrize("method", ["hosvd", "svd"])

@@ -121,15 +121,18 @@ def test_asi_swap_is_reversible_and_validates_ranks() -> None:
     keys = list(model.state_dict())
     for bad, match in [
         (None, "needs ranks"),
-        ((2, 2), "4 of them"),
+        ((2, 2), r"one per mode \(B, C, H, W\)"),
         (0, "int >= 1"),
         ({"0": 2}, "no entry for layer '2'"),
     ]:
         with pytest.raises(ConfigError, match=match):
             compress_activations(model, ["0", "2"], method="asi", ranks=bad)
         assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear  # unchanged
-    with pytest.raises(ConfigError, match="2 of them"):
-        CompressedLinear(4, 2, method="asi", ranks=(1, 2, 3))
+    tokens = CompressedLinear(4, 2, method="asi", ranks=(1, 2, 3))  # (B, N, D) inputs
+    tokens(torch.randn(2, 5, 4, requires_grad=True)).sum().backward()
+    assert [u.shape for u in tokens.asi_state.factors] == [(2, 1), (5, 2), (4, 3)]
+    with pytest.raises(ConfigError, match="has 2 modes"):
+        tokens(torch.randn(5, 4))
     compress_activations(model, ["0", "2"], method="asi", ranks={"0": 2, "2": (2, 3)})
     assert model[0].ranks == (2, 2, 2, 2) and model[2].ranks == (2, 3)
     model(torch.randn(2, 3, 6, 6)).sum().backward()

@@ -11,11 +11,11 @@ A trained conv or linear layer keeps its whole input alive for the weight gradie
   of the channel unfolding, ``(B·H·W, C)`` for a conv input and ``(N, features)`` for a linear one.
 - :class:`CompressedConv2d` / :class:`CompressedLinear`: the forward runs on the exact input and
   saves only the factors (and the weight). The input and bias gradients are exact; the weight
-  gradient is that of the reconstructed input, so ``explained_var = 1`` reproduces the exact
-  gradient and the error shrinks with the discarded energy (the paper's bound). This first
-  version reconstructs the input inside ``backward``; the paper's contraction of the output
-  gradient with the factors, which never rebuilds ``A``, is a later optimisation (it changes
-  compute, not the saved bytes).
+  gradient is that of the reconstructed input, computed in factor space without rebuilding it
+  (:func:`conv_weight_grad`, :func:`linear_weight_grad`: the output gradient is contracted with
+  the factors, so the weight-gradient conv runs at batch ``K_0`` and ``K_1`` channels), so
+  ``explained_var = 1`` reproduces the exact gradient and the error shrinks with the discarded
+  energy (the paper's bound).
 - :func:`compress_activations` swaps named (or the last N) ``nn.Conv2d`` / ``nn.Linear`` layers
   in place, keeping their parameters and ``state_dict`` keys; :func:`decompress_activations`
   swaps them back.
@@ -27,8 +27,8 @@ iteration per mode, ``V = A_(n)ᵀ U_n^prev``, ``U_n = QR(A_(n) V)`` (i.e.
 ``U_n ← orth(A_(n) A_(n)ᵀ U_n^prev)``; first step ``V`` Gaussian), then the HOSVD core
 ``S = A ×_0 U_0ᵀ …``. The factors ``U_n^prev`` live in :class:`ASIState`, a submodule
 ``asi_state`` of the layer whose buffers are in ``state_dict`` (a resume continues exactly). A
-conv input has 4 modes (B, C, H, W); a linear input is read as its ``(N, features)`` unfolding
-(2 modes).
+conv input has 4 modes (B, C, H, W); a linear input keeps its own axes (2 for ``(N, D)``, 3 for
+a transformer's ``(B, N, D)`` tokens, as in the paper).
 
 Compressing a layer frees nothing when a neighbour saves the same tensor (a ReLU saves its output,
 BatchNorm its input, spec §0): pair these layers with ``sobre.efficient.sparse.mask_relus`` and
@@ -38,7 +38,7 @@ BatchNorm its input, spec §0): pair these layers with ``sobre.efficient.sparse.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -184,12 +184,13 @@ class ASIState(nn.Module):
     :meth:`step` runs one subspace iteration per mode (module doc). A mode whose size or rank
     differs from its stored factor (first step, a smaller last batch, new ranks) is
     re-initialised from a Gaussian ``V`` drawn from a generator seeded with ``seed``; the other
-    modes stay warm. The buffers' shapes follow the input, so loading a ``state_dict`` resizes
-    them to the stored shapes first: the next step then continues exactly where the saved
-    model left off.
+    modes stay warm. The buffers' shapes follow the input (an input with more modes adds
+    buffers), so loading a ``state_dict`` resizes them to the stored shapes first: the next step
+    then continues exactly where the saved model left off.
 
     Args:
-        modes: the number of modes of the compressed tensor (4 conv, 2 linear).
+        modes: the number of modes registered up front (4 for a conv input, 2 for a linear one;
+            a ``(B, N, D)`` token input adds the third on its first step).
         seed: seed of the Gaussian initialisation.
     """
 
@@ -208,8 +209,12 @@ class ASIState(nn.Module):
     def step(self, a: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """One warm-started subspace iteration per mode of ``a`` at ``ranks`` (clipped to the
         mode sizes); stores and returns the factors with the core ``S``."""
+        for n in range(self.modes, a.ndim):
+            self.register_buffer(f"factor_{n}", torch.empty(0, 0, device=a.device))
+        self.modes = max(self.modes, a.ndim)
         factors = []
-        for n, (prev, rank) in enumerate(zip(self.factors, ranks, strict=True)):
+        for n, rank in enumerate(ranks):
+            prev = getattr(self, f"factor_{n}")
             unfold = _unfold(a, n)
             k = min(rank, a.shape[n])
             if prev.shape == (a.shape[n], k):
@@ -228,10 +233,13 @@ class ASIState(nn.Module):
         return _core(a, factors), factors
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-        for n, buf in enumerate(self.factors):
-            stored = state_dict.get(f"{prefix}factor_{n}")
-            if stored is not None:
-                setattr(self, f"factor_{n}", buf.new_empty(stored.shape))
+        n = 0
+        while f"{prefix}factor_{n}" in state_dict:
+            like = getattr(self, f"factor_{n}", None)
+            empty = torch.empty(state_dict[f"{prefix}factor_{n}"].shape)
+            self.register_buffer(f"factor_{n}", empty if like is None else empty.to(like))
+            n += 1
+        self.modes = max(self.modes, n)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
@@ -249,6 +257,7 @@ class _Spec:
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()
 
     @property
     def conv(self) -> bool:
@@ -264,22 +273,66 @@ def _compress(x: Tensor, spec: _Spec) -> list[Tensor]:
         core, factors = hosvd(x, spec.eps)
     else:
         assert spec.state is not None
-        core, factors = spec.state.step(_asi_view(x, spec), spec.ranks)
+        core, factors = spec.state.step(x, _expand(spec.ranks, x.ndim))
     return [core, *factors]
 
 
-def _asi_view(x: Tensor, spec: _Spec) -> Tensor:
-    """The tensor ASI decomposes: the conv input itself, or a linear input's ``(N, features)``
-    unfolding."""
-    return x if spec.conv else x.reshape(-1, x.shape[-1])
-    return list(svd_compress(x, spec.eps))
+def _expand(ranks: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """One rank per mode of an ``ndim``-D input: a single stored rank applies to every mode."""
+    if len(ranks) == 1:
+        return ranks * ndim
+    if len(ranks) != ndim:
+        raise ConfigError(
+            f"ASI ranks {ranks} have {len(ranks)} entries but the layer's input has {ndim} "
+            "modes; give one rank per input axis (or one int for all)"
+        )
+    return ranks
 
 
-def _reconstruct(saved: tuple[Tensor, ...], spec: _Spec, shape: torch.Size) -> Tensor:
-    """The input rebuilt from what :func:`_compress` saved."""
+def linear_weight_grad(g: Tensor, saved: Sequence[Tensor], method: str) -> Tensor:
+    """``∂L/∂W = Σ g ⊗ A`` of a linear layer from the compressed input, never rebuilding ``A``.
+
+    SVD: ``(g_(N)ᵀ U σ) Vᵀ``. Tucker (HOSVD, ASI) of an input with modes ``(I_0, …, I_{N-2}, D)``:
+    the output gradient is contracted with ``U_0 … U_{N-2}`` over the leading modes, then with the
+    core ``S`` and ``U_{N-1}`` (the paper's contraction order: every product stays at rank size).
+    """
+    if method == "svd":
+        left, right = saved
+        return (g.reshape(-1, g.shape[-1]).t() @ left) @ right
+    core, *factors = saved
+    t = g
+    for u in factors[:-1]:  # (I_0, …, O) -> (O, K_0, …, K_{N-2})
+        t = torch.tensordot(t, u, dims=([0], [0]))
+    lead = list(range(1, t.ndim))
+    return torch.tensordot(t, core, dims=(lead, list(range(len(lead))))) @ factors[-1].t()
+
+
+def conv_weight_grad(
+    g: Tensor, saved: Sequence[Tensor], spec: _Spec, weight_shape: torch.Size
+) -> Tensor:
+    """``∂L/∂W`` of a conv from the compressed input without rebuilding it (#35, §3.3).
+
+    Tucker (HOSVD, ASI): ``g`` is contracted with ``U_0`` over the batch, the core's spatial modes
+    are expanded with ``U_2, U_3``, one ``conv2d_weight`` runs at batch ``K_0`` and ``K_1``
+    channels, and ``U_1`` maps the result back to the input channels. SVD: the ``(B·H·W, K)``
+    left factor is the image batch of that ``conv2d_weight`` and ``Vᵀ`` maps back.
+    """
+    geometry = (spec.stride, spec.padding, spec.dilation)
     if spec.method == "svd":
-        return svd_reconstruct(saved[0], saved[1], shape)
-    return tucker_reconstruct(saved[0], list(saved[1:]))
+        left, right = saved
+        b, _, h, w = spec.shape
+        z = left.reshape(b, h, w, -1).movedim(-1, 1)
+        grad = torch.nn.grad.conv2d_weight(
+            z, (weight_shape[0], z.shape[1], *weight_shape[2:]), g, *geometry
+        )
+        return torch.einsum("okhw,kc->ochw", grad, right)
+    core, u0, u1, u2, u3 = saved
+    g0 = torch.einsum("bohw,bk->kohw", g, u0)
+    z = torch.einsum("klhw,yh,xw->klyx", core, u2, u3)
+    grad = torch.nn.grad.conv2d_weight(
+        z, (weight_shape[0], z.shape[1], *weight_shape[2:]), g0, *geometry
+    )
+    return torch.einsum("okhw,ck->ochw", grad, u1)
 
 
 class _CompressedFn(torch.autograd.Function):
@@ -295,56 +348,53 @@ class _CompressedFn(torch.autograd.Function):
             out = F.linear(x, weight, bias)
         saved = _compress(x.detach(), spec) if ctx.needs_input_grad[1] else []
         ctx.save_for_backward(weight, *saved)
-        ctx.spec, ctx.shape = spec, x.shape
+        ctx.spec = replace(spec, shape=tuple(x.shape))
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         weight, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
         spec: _Spec = ctx.spec  # type: ignore[attr-defined]
-        shape: torch.Size = ctx.shape  # type: ignore[attr-defined]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         gx = gw = gb = None
         if spec.conv:
-            geometry = (spec.stride, spec.padding, spec.dilation)
             if need_x:
-                gx = torch.nn.grad.conv2d_input(shape, weight, g, *geometry)
+                geometry = (spec.stride, spec.padding, spec.dilation)
+                gx = torch.nn.grad.conv2d_input(spec.shape, weight, g, *geometry)
             if need_w:
-                x = _reconstruct(tuple(saved), spec, shape)
-                gw = torch.nn.grad.conv2d_weight(x, weight.shape, g, *geometry)
+                gw = conv_weight_grad(g, saved, spec, weight.shape)
             if need_b:
                 gb = g.sum((0, 2, 3))
         else:
-            g2 = g.reshape(-1, g.shape[-1])
             if need_x:
                 gx = g @ weight
             if need_w:
-                x = _reconstruct(tuple(saved), spec, shape)
-                gw = g2.t() @ x.reshape(-1, x.shape[-1])
+                gw = linear_weight_grad(g, saved, spec.method)
             if need_b:
-                gb = g2.sum(0)
+                gb = g.reshape(-1, g.shape[-1]).sum(0)
         return gx, gw, gb, None
 
 
 def _modes(layer: nn.Module) -> int:
-    """The number of modes ASI decomposes for ``layer``: 4 for a conv, 2 for a linear layer."""
+    """The modes ASI registers up front for ``layer``: 4 for a conv (B, C, H, W), 2 for a linear
+    layer (its input's leading axes and features; a ``(B, N, D)`` input has 3)."""
     return 4 if isinstance(layer, nn.Conv2d) else 2
 
 
 def _ranks(ranks: Ranks | None, modes: int, name: str) -> tuple[int, ...]:
-    """``ranks`` as one positive int per mode, or a ConfigError naming ``name`` and the fix."""
+    """``ranks`` as ``(r,)`` (every mode) or one positive int per mode, or a ConfigError naming
+    ``name`` and the fix. A linear layer takes one rank per axis of its input (2 or more)."""
+    axes = "B, C, H, W" if modes == 4 else "one per input axis, e.g. B, N, D"
     if ranks is None:
         raise ConfigError(
-            f"{name}: method='asi' needs ranks; pass ranks=int (every mode), a tuple of {modes} "
-            "ints (one per mode) or a dict layer -> ranks, e.g. from select_ranks()"
+            f"{name}: method='asi' needs ranks; pass ranks=int (every mode), a tuple ({axes}) "
+            "or a dict layer -> ranks, e.g. from select_ranks()"
         )
-    out = (int(ranks),) * modes if isinstance(ranks, int) else tuple(int(r) for r in ranks)
-    if len(out) != modes or min(out) < 1:
-        raise ConfigError(
-            f"{name}: ranks={ranks!r} must be one int >= 1 or {modes} of them (one per mode: "
-            f"{'B, C, H, W' if modes == 4 else 'N, features'})"
-        )
-    return out
+    out = (int(ranks),) if isinstance(ranks, int) else tuple(int(r) for r in ranks)
+    wrong = len(out) != modes if modes == 4 else len(out) < 2
+    if (len(out) != 1 and wrong) or min(out, default=0) < 1:
+        raise ConfigError(f"{name}: ranks={ranks!r} must be one int >= 1 or one per mode ({axes})")
+    return out * 4 if modes == 4 and len(out) == 1 else out
 
 
 class _Compressed:
@@ -380,10 +430,11 @@ class CompressedLinear(_Compressed, nn.Linear):
 
     Args:
         *args: ``nn.Linear``'s arguments.
-        method: ``"hosvd"`` (HOSVD_ε), ``"svd"`` (SVD_ε of the ``(N, features)`` unfolding) or
-            ``"asi"`` (subspace iteration on that unfolding at fixed ``ranks``).
+        method: ``"hosvd"`` (HOSVD_ε over every input axis), ``"svd"`` (SVD_ε of the
+            ``(N, features)`` unfolding) or ``"asi"`` (subspace iteration over every input axis
+            at fixed ``ranks``).
         explained_var: ε, the fraction of energy kept per mode, in (0, 1] (HOSVD, SVD).
-        ranks: ASI's ranks (N, features): one int or two.
+        ranks: ASI's ranks: one int or one per input axis (e.g. B, N, D for tokens).
         **kwargs: ``nn.Linear``'s keyword arguments.
     """
 
@@ -558,7 +609,7 @@ def select_ranks(
     """ASI's fixed ranks under a memory budget, from one forward on ``batch`` (#37).
 
     Records each selected layer's input (``FeatureTap``, input capture; a linear input as its
-    ``(N, features)`` unfolding), takes the singular values σ_{n,k} of every mode unfolding and
+    own axes), takes the singular values σ_{n,k} of every mode unfolding and
     allocates greedily: starting from rank 1 everywhere, it repeatedly grows the (layer, mode)
     whose next singular value removes the most relative truncation error
     ``σ²_{n,K_n+1} / ||A||²`` (the HOSVD error bound ``Σ_n Σ_{k>K_n} σ²_{n,k}``, per layer
@@ -579,7 +630,6 @@ def select_ranks(
     shapes, energies = {}, {}
     for name in names:
         a = tap.features[name].float()
-        a = a if _modes(model.get_submodule(name)) == 4 else a.reshape(-1, a.shape[-1])
         total = a.square().sum().clamp_min(1e-30)
         shapes[name] = tuple(a.shape)
         energies[name] = [
