@@ -15,7 +15,7 @@ sparse updates).
   ``CompressedLinear``, ``compress_activations`` / ``decompress_activations``, ``ASIState``,
   ``select_ranks``.
 - ``callbacks`` (Lightning, imported on first use): ``NEqCallback``, ``NeVeCallback``,
-  ``BudgetCallback``, ``SparseUpdateCallback``.
+  ``BudgetCallback``, ``SparseUpdateCallback``, ``ActivationCompressionCallback``.
 
 See docs/efficient.md.
 """
@@ -61,7 +61,13 @@ from sobre.efficient.sparse import (
     trainable_fractions,
 )
 
-_CALLBACKS = ("BudgetCallback", "NEqCallback", "NeVeCallback", "SparseUpdateCallback")
+_CALLBACKS = (
+    "ActivationCompressionCallback",
+    "BudgetCallback",
+    "NEqCallback",
+    "NeVeCallback",
+    "SparseUpdateCallback",
+)
 
 __getattr__ = lazy_attributes(__name__, "callbacks", _CALLBACKS)
 
@@ -71,6 +77,7 @@ __all__ = [
     "SAMPLERS",
     "SCORERS",
     "ASIState",
+    "ActivationCompressionCallback",
     "BitMaskReLU",
     "BitMaskReLU6",
     "Budget",

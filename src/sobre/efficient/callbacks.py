@@ -39,14 +39,21 @@ from torch import Tensor, nn
 from sobre.core.errors import ConfigError
 from sobre.core.measure import backward_flops, saved_activation_bytes
 from sobre.efficient.budget import BudgetedNeuronSelector
+from sobre.efficient.compress import (
+    _layer_names,
+    compress_recorded,
+    decompress_recorded,
+    select_ranks,
+)
 from sobre.efficient.dynamic import ChannelBudget
 from sobre.efficient.masks import MaskedOptimizer, NeuronMask
 from sobre.efficient.neq import NEq, drive_sparse
 from sobre.efficient.neve import NeuralVelocity, VelocityPlateau
 from sobre.efficient.probe import probe_inputs
-from sobre.efficient.sparse import densify, sparsify
+from sobre.efficient.sparse import densify, fold_frozen_bn, mask_relus, sparsify
 
 __all__ = [
+    "ActivationCompressionCallback",
     "BudgetCallback",
     "ChannelFreezing",
     "NEqCallback",
@@ -604,3 +611,158 @@ class NeVeCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict or None
+
+
+class ActivationCompressionCallback(pl.Callback):
+    """HOSVD_ε (#35) / ASI (#37) compressed activations for memory-bounded fine-tuning, in a fit.
+
+    At the start of the fit every parameter outside ``layers`` and ``train_fully`` is frozen,
+    BatchNorm is folded (``fold_bn``; frozen BN saves its input, spec §0), the ``layers`` are
+    swapped for compressed ones (:func:`~sobre.efficient.compress.compress_recorded`, recorded
+    so a mid-fit checkpoint resumes exactly, ASI buffers included) and ReLUs that would keep a
+    compressed layer's input alive save a bit mask instead (``mask_relus``). ASI's ranks come
+    from ``ranks`` or from :func:`~sobre.efficient.compress.select_ranks` under
+    ``budget_bytes`` (or ``budget_fraction`` of the measured uncompressed step). At the end the
+    layers are plain again (the final checkpoint is an ordinary model) and everything trains.
+
+    Logged each epoch, measured beside analytic: ``efficient/saved_mb`` (autograd's saved
+    activations of one step, unique storages), ``efficient/uncompressed_mb`` (the same step
+    before compression, same frozen set), ``efficient/compression`` (their ratio),
+    ``efficient/analytic_mb`` (the compressed layers' cores and factors) and
+    ``efficient/step_ms`` (median step time).
+
+    Args:
+        layers: the Conv2d/Linear modules to train compressed (names or ``"last:N"``).
+        method: ``"hosvd"``, ``"svd"`` or ``"asi"``.
+        explained_var: ε of HOSVD/SVD.
+        ranks: ASI's ranks (one int, one per mode, or per layer).
+        budget_bytes, budget_fraction: ASI's factor budget in bytes, or as a fraction of the
+            uncompressed step's measured bytes (at most one; ASI needs one of them or ranks).
+        train_fully: modules trained uncompressed (e.g. a new head).
+        fold_bn: fold every BatchNorm that follows a conv (needs a traceable model).
+        mask_relus: swap ReLUs for bit-mask ones where that saves measured bytes.
+        measure_batch: batch size of the measurement (``None``: the datamodule's).
+    """
+
+    def __init__(
+        self,
+        layers: list[str] | str = "last:2",
+        method: str = "hosvd",
+        explained_var: float = 0.8,
+        ranks: int | list[int] | dict[str, list[int]] | None = None,
+        budget_bytes: int | None = None,
+        budget_fraction: float | None = None,
+        train_fully: list[str] | None = None,
+        fold_bn: bool = True,
+        mask_relus: bool = True,
+        measure_batch: int | None = None,
+    ) -> None:
+        if budget_bytes is not None and budget_fraction is not None:
+            raise ConfigError("give budget_bytes or budget_fraction, not both")
+        if budget_fraction is not None and not 0 < budget_fraction <= 1:
+            raise ConfigError(f"budget_fraction must lie in (0, 1], got {budget_fraction}")
+        budgeted = budget_bytes is not None or budget_fraction is not None
+        if method == "asi" and (ranks is None) == (not budgeted):
+            raise ConfigError(
+                "method='asi' needs exactly one of ranks, budget_bytes or budget_fraction"
+            )
+        if method != "asi" and (ranks is not None or budgeted):
+            raise ConfigError(
+                f"ranks and budgets are ASI's; method={method!r} keeps "
+                f"explained_var={explained_var} instead"
+            )
+        self.layers, self.method, self.explained_var = layers, method, explained_var
+        self.ranks, self.budget_bytes, self.budget_fraction = ranks, budget_bytes, budget_fraction
+        self.train_fully = list(train_fully or [])
+        self.fold_bn, self.mask_relus, self.measure_batch = fold_bn, mask_relus, measure_batch
+        self._example: Tensor | None = None
+        self._uncompressed = 0
+        self._times: list[float] = []
+        self._t0 = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            raise ConfigError("ActivationCompressionCallback needs a datamodule passed to fit")
+        if self.fold_bn and trainer.world_size > 1:
+            raise ConfigError(
+                "ActivationCompressionCallback folds BN (a structure edit) inside the fit, which "
+                f"a distributed run ({trainer.world_size} processes) cannot do; run it on one "
+                "device or set fold_bn: false"
+            )
+        n = min(self.measure_batch or dm.batch_size, len(dm.train_dataset))
+        self._example = example = dm.example_input(n).to(pl_module.device)
+        net: nn.Module = pl_module.net
+        resumed = any(hasattr(m, "saved_bytes") for m in net.modules())  # replayed by the engine
+        if not resumed:
+            names = _layer_names(net, self.layers)
+            if self.fold_bn:
+                net = fold_frozen_bn(net)
+            _train_only(net, [*names, *self.train_fully])
+            self._uncompressed = saved_activation_bytes(net, example).activations
+            net = compress_recorded(
+                net,
+                layers=names,
+                method=self.method,
+                explained_var=self.explained_var,
+                ranks=self._ranks(net, names, example),
+            )
+        else:  # requires_grad is not checkpointed
+            compressed = [n for n, m in net.named_modules() if hasattr(m, "saved_bytes")]
+            _train_only(net, [*compressed, *self.train_fully])
+        if self.mask_relus:
+            net = mask_relus(net, example)
+        pl_module.net = net
+        trainer.strategy.setup_optimizers(trainer)  # over what trains now
+
+    def _ranks(self, net: nn.Module, names: list[str], example: Tensor) -> Any:
+        """ASI's per-layer ranks as JSON-able lists (``None`` for HOSVD/SVD)."""
+        if self.method != "asi":
+            return None
+        budget = self.budget_bytes
+        if self.budget_fraction is not None:
+            budget = int(self.budget_fraction * self._uncompressed)
+        if budget is None:
+            ranks = self.ranks
+            return {n: ranks[n] if isinstance(ranks, dict) else ranks for n in names}
+        chosen = select_ranks(net, example, budget, layers=names)
+        log.info("ASI ranks under %d bytes: %s", budget, chosen)
+        return {n: list(r) for n, r in chosen.items()}
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._times.append(time.perf_counter() - self._t0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._example is not None
+        net = pl_module.net
+        saved = saved_activation_bytes(net, self._example).activations
+        analytic = sum(getattr(m, "saved_bytes", 0) for m in net.modules())
+        logs = {"efficient/saved_mb": saved / 1e6, "efficient/analytic_mb": analytic / 1e6}
+        if self._uncompressed:
+            logs["efficient/uncompressed_mb"] = self._uncompressed / 1e6
+            logs["efficient/compression"] = self._uncompressed / max(saved, 1)
+        if self._times:
+            logs["efficient/step_ms"] = 1000 * statistics.median(self._times)
+            self._times = []
+        for key, value in logs.items():
+            pl_module.log(key, float(value), on_epoch=True, sync_dist=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.net = decompress_recorded(pl_module.net)
+        for p in pl_module.net.parameters():  # a later stage trains the whole model again
+            p.requires_grad_(True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"uncompressed": self._uncompressed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._uncompressed = int(state_dict.get("uncompressed", 0))
+
+
+def _train_only(net: nn.Module, modules: list[str]) -> None:
+    """Train the parameters of ``modules`` (and their children), freeze every other one."""
+    for name, p in net.named_parameters():
+        p.requires_grad_(any(name.startswith(k + ".") for k in modules))

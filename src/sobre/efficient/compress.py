@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.registry import suggest
 from sobre.core.taps import FeatureTap
@@ -56,9 +57,13 @@ __all__ = [
     "CompressedConv2d",
     "CompressedLinear",
     "compress_activations",
+    "compress_recorded",
+    "conv_weight_grad",
     "decompress_activations",
+    "decompress_recorded",
     "explained_rank",
     "hosvd",
+    "linear_weight_grad",
     "select_ranks",
     "svd_compress",
     "svd_reconstruct",
@@ -254,6 +259,7 @@ class _Spec:
     eps: float
     ranks: tuple[int, ...] = ()
     state: ASIState | None = None
+    layer: Any = None  # the module whose ``saved_bytes`` records each step's analytic size
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
@@ -348,6 +354,8 @@ class _CompressedFn(torch.autograd.Function):
             out = F.linear(x, weight, bias)
         saved = _compress(x.detach(), spec) if ctx.needs_input_grad[1] else []
         ctx.save_for_backward(weight, *saved)
+        if spec.layer is not None:
+            spec.layer.saved_bytes = sum(t.numel() * t.element_size() for t in saved)
         ctx.spec = replace(spec, shape=tuple(x.shape))
         return out
 
@@ -410,6 +418,7 @@ class _Compressed:
         modes = _modes(self)  # type: ignore[arg-type]
         self.ranks = _ranks(ranks, modes, type(self).__name__) if method == "asi" else None
         self.method, self.explained_var = method, float(explained_var)
+        self.saved_bytes = 0  # analytic bytes of the last training forward's compressed input
         if method == "asi" and not hasattr(self, "asi_state"):
             self.asi_state = ASIState(modes)
         elif method != "asi" and hasattr(self, "asi_state"):
@@ -421,6 +430,7 @@ class _Compressed:
             self.explained_var,
             self.ranks or (),
             getattr(self, "asi_state", None),
+            self,
             **conv,
         )
 
@@ -544,12 +554,16 @@ def compress_activations(
     method: str = "hosvd",
     explained_var: float = 0.8,
     ranks: Ranks | Mapping[str, Ranks] | None = None,
+    budget_bytes: int | None = None,
+    batch: Tensor | None = None,
 ) -> M:
     """Swap the selected ``nn.Conv2d`` / ``nn.Linear`` layers for compressed ones, in place.
 
     The swapped layers keep their parameters (same objects), hooks and ``state_dict`` keys, and
     their outputs; layers already compressed take the new settings. ASI layers add the keys of
-    their warm-start buffers (``<layer>.asi_state.factor_<n>``, see :class:`ASIState`).
+    their warm-start buffers (``<layer>.asi_state.factor_<n>``, see :class:`ASIState`). Each
+    compressed layer's ``saved_bytes`` is the analytic size of what its last training forward
+    saved (core and factors).
 
     Args:
         model: the model, edited in place.
@@ -557,8 +571,13 @@ def compress_activations(
             name or a list of names.
         method: ``"hosvd"``, ``"svd"`` or ``"asi"``.
         explained_var: ε in (0, 1] (HOSVD, SVD).
-        ranks: ASI only: one int (every mode of every layer), one per mode (4 for a conv, 2 for
-            a linear layer) or a dict layer name -> ranks (e.g. :func:`select_ranks`'s).
+        ranks: ASI only: one int (every mode of every layer), one per mode (4 for a conv, one
+            per input axis for a linear layer) or a dict layer name -> ranks (e.g.
+            :func:`select_ranks`'s).
+        budget_bytes: ASI only, instead of ``ranks``: the bytes all the selected layers' factors
+            may take, allocated by :func:`select_ranks` on ``batch``. HOSVD/SVD ranks follow ε
+            and change every step, so no byte budget can hold for them.
+        batch: the example input of ``budget_bytes``'s rank selection.
 
     Returns:
         ``model``.
@@ -569,6 +588,14 @@ def compress_activations(
     """
     _check(explained_var, method)
     names = _layer_names(model, layers)
+    if budget_bytes is not None:
+        if method != "asi" or ranks is not None or batch is None:
+            raise ConfigError(
+                f"budget_bytes needs method='asi' (got {method!r}), no ranks and an example "
+                "batch: compress_activations(model, layers, method='asi', "
+                "budget_bytes=..., batch=x); HOSVD/SVD ranks follow explained_var instead"
+            )
+        ranks = select_ranks(model, batch, budget_bytes, layers=names)
     modules = [model.get_submodule(name) for name in names]
     per_layer: list[tuple[int, ...] | None] = []
     for name, module in zip(names, modules, strict=True):
@@ -669,6 +696,27 @@ def decompress_activations(model: M) -> M:
         if isinstance(module, _Compressed):
             if hasattr(module, "asi_state"):
                 del module.asi_state
-            del module.method, module.explained_var, module.ranks
+            del module.method, module.explained_var, module.ranks, module.saved_bytes
             module.__class__ = next(d for d, c in _COMPRESSED.items() if isinstance(module, c))
     return model
+
+
+@structural_edit("compress_activations")
+def compress_recorded(
+    model: nn.Module,
+    layers: list[str],
+    method: str = "hosvd",
+    explained_var: float = 0.8,
+    ranks: dict[str, list[int]] | None = None,
+) -> nn.Module:
+    """:func:`compress_activations` as a recorded structure edit (:mod:`sobre.core.edits`): a
+    checkpoint written mid-fit holds the ASI buffers, and replaying its log before loading
+    rebuilds the compressed layers, so a resumed fit continues exactly. ``ranks``: per layer."""
+    return compress_activations(model, layers, method, explained_var, ranks)
+
+
+@structural_edit("decompress_activations")
+def decompress_recorded(model: nn.Module) -> nn.Module:
+    """:func:`decompress_activations` as a recorded structure edit (the pair of
+    :func:`compress_recorded`: a model compressed for one fit is plain again in its log)."""
+    return decompress_activations(model)

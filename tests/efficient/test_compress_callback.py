@@ -1,0 +1,81 @@
+"""ActivationCompressionCallback in a two-stage transfer recipe: HOSVD_ε and budgeted ASI save
+measured bytes in the fine-tuning stage only, leave a plain model, and resume exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_budget_callbacks import Crash, _weights
+
+import sobre
+from sobre.core.errors import ConfigError
+from sobre.efficient.callbacks import ActivationCompressionCallback
+
+LAYERS = ["features.conv3", "features.conv4"]
+HOSVD = {
+    "class_path": "sobre.efficient.callbacks.ActivationCompressionCallback",
+    "init_args": {"layers": LAYERS, "explained_var": 0.8, "train_fully": ["classifier"]},
+}
+ASI = {
+    "class_path": "sobre.efficient.callbacks.ActivationCompressionCallback",
+    "init_args": {
+        "layers": LAYERS,
+        "method": "asi",
+        "budget_fraction": 0.1,
+        "train_fully": ["classifier"],
+    },
+}
+
+
+@pytest.fixture
+def transfer(tiny_recipe):
+    tiny_recipe["data"].update(num_classes=4, classes=[0, 1], num_samples=160)
+    tiny_recipe["model"].update(optimizer="sgd", lr=0.05, scheduler="none")
+    tiny_recipe["trainer"]["max_epochs"] = 2
+    tiny_recipe["evaluate"] = {"measure": False, "report": False, "checkpoint": "final"}
+    tiny_recipe["stages"] = [
+        {"name": "pretrain"},
+        {"name": "finetune", "max_epochs": 3, "data": {"classes": [2, 3]}},
+    ]
+    return tiny_recipe
+
+
+@pytest.mark.parametrize("method", [HOSVD, ASI], ids=["hosvd", "asi"])
+def test_compressed_finetuning_saves_bytes_and_resumes_exactly(transfer, runs_dir, method):
+    transfer["stages"][1]["methods"] = [method]
+    full = sobre.fit(copy.deepcopy(transfer))
+    stages = full.metrics["stages"]
+    assert "efficient/saved_mb" not in stages["pretrain"]
+    last = stages["finetune"]
+    assert last["efficient/saved_mb"] < last["efficient/uncompressed_mb"]
+    assert last["efficient/compression"] > 1 and last["efficient/analytic_mb"] > 0
+    if method is ASI:  # the factors stay under the budget: 10 % of the uncompressed step
+        assert last["efficient/analytic_mb"] <= 0.1 * last["efficient/uncompressed_mb"] + 1e-9
+    net = full.routine.net  # plain again and trainable: BN folded, no compressed layer left
+    assert not any(hasattr(m, "saved_bytes") for m in net.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(RuntimeError, match="killed"):
+        sobre.fit(copy.deepcopy(transfer), callbacks=[Crash()])
+    crashed = sorted((runs_dir / "tiny").iterdir())[-1]
+    sobre.fit(resume=crashed)
+    a, b = _weights(full.run_dir), _weights(crashed)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "asi"}, "exactly one of ranks, budget_bytes or budget_fraction"),
+        ({"method": "asi", "ranks": 2, "budget_bytes": 10}, "exactly one of"),
+        ({"budget_bytes": 10, "budget_fraction": 0.1, "method": "asi"}, "not both"),
+        ({"budget_fraction": 1.5, "method": "asi"}, r"budget_fraction must lie in \(0, 1\]"),
+        ({"ranks": 2}, "ranks and budgets are ASI's"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ActivationCompressionCallback(**kwargs)
