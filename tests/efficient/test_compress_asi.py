@@ -197,3 +197,37 @@ def test_asi_saves_fewer_measured_bytes_and_measuring_keeps_the_state() -> None:
     assert x.nbytes <= after < x.nbytes + (before - x.nbytes) // 2
     for u, v in zip(warm, model[1].asi_state.factors, strict=True):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["hosvd", "svd", "asi"])
+def test_measured_step_bytes_match_the_analytic_count(method: str) -> None:
+    """A frozen conv feeding a compressed conv and a compressed head: the whole step keeps
+    nothing but the factors (measured with saved-tensor hooks, parameters excluded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    )
+    model[0].requires_grad_(False)
+    x = smooth(6, 3, 8, 8)
+    compress_activations(
+        model, ["1", "3"], method=method, explained_var=0.8, ranks=None if method != "asi" else 3
+    )
+    measured = saved_activation_bytes(model, x).activations
+    model(x).sum().backward()
+    analytic = model[1].saved_bytes + model[3].saved_bytes
+    assert analytic > 0 and abs(measured - analytic) <= 0.1 * analytic
+
+
+def test_budget_bytes_picks_asi_ranks_and_refuses_other_methods() -> None:
+    torch.manual_seed(0)
+    model, batch = _model(), smooth(4, 3, 8, 8)
+    expected = select_ranks(model, batch, 5_000, layers="last:2")
+    compress_activations(model, "last:2", method="asi", budget_bytes=5_000, batch=batch)
+    assert model[1].ranks == expected["1"] and model[3].ranks == expected["3"]
+    for kwargs in (
+        {"method": "hosvd"},
+        {"method": "asi", "ranks": 2, "batch": batch},
+        {"method": "asi"},
+    ):
+        with pytest.raises(ConfigError, match="budget_bytes needs method='asi'"):
+            compress_activations(_model(), "last:2", budget_bytes=5_000, **kwargs)
