@@ -18,6 +18,10 @@ HOSVD = {
     "class_path": "sobre.efficient.callbacks.ActivationCompressionCallback",
     "init_args": {"layers": LAYERS, "explained_var": 0.8, "train_fully": ["classifier"]},
 }
+NONE = {
+    "class_path": "sobre.efficient.callbacks.ActivationCompressionCallback",
+    "init_args": {"layers": LAYERS, "method": "none", "train_fully": ["classifier"]},
+}
 ASI = {
     "class_path": "sobre.efficient.callbacks.ActivationCompressionCallback",
     "init_args": {
@@ -42,15 +46,19 @@ def transfer(tiny_recipe):
     return tiny_recipe
 
 
-@pytest.mark.parametrize("method", [HOSVD, ASI], ids=["hosvd", "asi"])
+@pytest.mark.parametrize("method", [HOSVD, ASI, NONE], ids=["hosvd", "asi", "none"])
 def test_compressed_finetuning_saves_bytes_and_resumes_exactly(transfer, runs_dir, method):
     transfer["stages"][1]["methods"] = [method]
     full = sobre.fit(copy.deepcopy(transfer))
     stages = full.metrics["stages"]
     assert "efficient/saved_mb" not in stages["pretrain"]
     last = stages["finetune"]
-    assert last["efficient/saved_mb"] < last["efficient/uncompressed_mb"]
-    assert last["efficient/compression"] > 1 and last["efficient/analytic_mb"] > 0
+    if method is NONE:  # the baseline: same frozen set and folding, nothing compressed
+        assert last["efficient/analytic_mb"] == 0
+        assert last["efficient/saved_mb"] <= last["efficient/uncompressed_mb"]  # mask ReLUs
+    else:
+        assert last["efficient/saved_mb"] < last["efficient/uncompressed_mb"]
+        assert last["efficient/compression"] > 1 and last["efficient/analytic_mb"] > 0
     if method is ASI:  # the factors stay under the budget: 10 % of the uncompressed step
         assert last["efficient/analytic_mb"] <= 0.1 * last["efficient/uncompressed_mb"] + 1e-9
     net = full.routine.net  # plain again and trainable: BN folded, no compressed layer left
@@ -74,6 +82,7 @@ def test_compressed_finetuning_saves_bytes_and_resumes_exactly(transfer, runs_di
         ({"budget_bytes": 10, "budget_fraction": 0.1, "method": "asi"}, "not both"),
         ({"budget_fraction": 1.5, "method": "asi"}, r"budget_fraction must lie in \(0, 1\]"),
         ({"ranks": 2}, "ranks and budgets are ASI's"),
+        ({"method": "hosdv"}, "did you mean 'hosvd'"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):

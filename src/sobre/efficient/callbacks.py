@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.measure import backward_flops, saved_activation_bytes
+from sobre.core.registry import check_choice
 from sobre.efficient.budget import BudgetedNeuronSelector
 from sobre.efficient.compress import (
+    METHODS,
     _layer_names,
     compress_recorded,
     decompress_recorded,
@@ -633,7 +635,8 @@ class ActivationCompressionCallback(pl.Callback):
 
     Args:
         layers: the Conv2d/Linear modules to train compressed (names or ``"last:N"``).
-        method: ``"hosvd"``, ``"svd"`` or ``"asi"``.
+        method: ``"hosvd"``, ``"svd"``, ``"asi"``, or ``"none"``: the uncompressed baseline
+            (same frozen set, folding and mask ReLUs, nothing compressed).
         explained_var: ε of HOSVD/SVD.
         ranks: ASI's ranks (one int, one per mode, or per layer).
         budget_bytes, budget_fraction: ASI's factor budget in bytes, or as a fraction of the
@@ -671,6 +674,7 @@ class ActivationCompressionCallback(pl.Callback):
                 f"ranks and budgets are ASI's; method={method!r} keeps "
                 f"explained_var={explained_var} instead"
             )
+        check_choice("method", method, (*METHODS, "none"), owner="ActivationCompressionCallback")
         self.layers, self.method, self.explained_var = layers, method, explained_var
         self.ranks, self.budget_bytes, self.budget_fraction = ranks, budget_bytes, budget_fraction
         self.train_fully = list(train_fully or [])
@@ -700,13 +704,14 @@ class ActivationCompressionCallback(pl.Callback):
                 net = fold_frozen_bn(net)
             _train_only(net, [*names, *self.train_fully])
             self._uncompressed = saved_activation_bytes(net, example).activations
-            net = compress_recorded(
-                net,
-                layers=names,
-                method=self.method,
-                explained_var=self.explained_var,
-                ranks=self._ranks(net, names, example),
-            )
+            if self.method != "none":
+                net = compress_recorded(
+                    net,
+                    layers=names,
+                    method=self.method,
+                    explained_var=self.explained_var,
+                    ranks=self._ranks(net, names, example),
+                )
         else:  # requires_grad is not checkpointed
             compressed = [n for n, m in net.named_modules() if hasattr(m, "saved_bytes")]
             _train_only(net, [*compressed, *self.train_fully])
