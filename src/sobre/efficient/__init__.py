@@ -14,6 +14,8 @@ sparse updates).
 - ``compress``: HOSVD_ε / SVD_ε (#35) and ASI (#37) compressed activations: ``CompressedConv2d``,
   ``CompressedLinear``, ``compress_activations`` / ``decompress_activations``, ``ASIState``,
   ``select_ranks``.
+- ``wasi``: WASI (#46), low-rank weights and ASI-compressed inputs for transformers' linear
+  layers, exported as two plain Linears; ``lora``: minimal LoRA, its peer arm.
 - ``callbacks`` (Lightning, imported on first use): ``NEqCallback``, ``NeVeCallback``,
   ``BudgetCallback``, ``SparseUpdateCallback``, ``ActivationCompressionCallback``.
 
@@ -36,6 +38,7 @@ from sobre.efficient.compress import (
     tucker_reconstruct,
 )
 from sobre.efficient.dynamic import SAMPLERS, SCORERS, ChannelBudget, LayerStats, UpdatePlan
+from sobre.efficient.lora import LoRALinear, add_lora, merge_lora
 from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
 from sobre.efficient.neq import NEq, SCoTTi, backward_saving, drive_sparse, shuffle_mask
 from sobre.efficient.neve import NeuralVelocity, VelocityPlateau, VelocityReport
@@ -60,6 +63,7 @@ from sobre.efficient.sparse import (
     sparsify,
     trainable_fractions,
 )
+from sobre.efficient.wasi import WASILinear, export_wasi, unwasi, wasi
 
 _CALLBACKS = (
     "ActivationCompressionCallback",
@@ -91,6 +95,7 @@ __all__ = [
     "CompressedLinear",
     "ImportanceSampling",
     "LayerStats",
+    "LoRALinear",
     "MaskedOptimizer",
     "NEq",
     "NEqCallback",
@@ -106,15 +111,19 @@ __all__ = [
     "UpdatePlan",
     "VelocityPlateau",
     "VelocityReport",
+    "WASILinear",
+    "add_lora",
     "backward_saving",
     "compress_activations",
     "decompress_activations",
     "densify",
     "drive_sparse",
     "explained_rank",
+    "export_wasi",
     "fold_frozen_bn",
     "hosvd",
     "mask_relus",
+    "merge_lora",
     "noise_probe",
     "probe_inputs",
     "select_ranks",
@@ -125,4 +134,6 @@ __all__ = [
     "svd_reconstruct",
     "trainable_fractions",
     "tucker_reconstruct",
+    "unwasi",
+    "wasi",
 ]

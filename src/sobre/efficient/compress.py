@@ -37,7 +37,7 @@ BatchNorm its input, spec §0): pair these layers with ``sobre.efficient.sparse.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -63,6 +63,7 @@ __all__ = [
     "decompress_recorded",
     "explained_rank",
     "hosvd",
+    "layer_names",
     "linear_weight_grad",
     "select_ranks",
     "svd_compress",
@@ -522,30 +523,49 @@ _COMPRESSED: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def _layer_names(model: nn.Module, layers: list[str] | str) -> list[str]:
-    """The names ``layers`` selects: ``"last:N"`` is the last N conv/linear modules in
-    ``named_modules`` order, any other string one module name."""
-    candidates = [
-        name
-        for name, m in model.named_modules()
-        if name and (type(m) in _COMPRESSED or isinstance(m, _Compressed))
-    ]
+def layer_names(
+    model: nn.Module,
+    layers: Sequence[str] | str,
+    accepts: Callable[[nn.Module], bool],
+    what: str,
+) -> list[str]:
+    """The module names ``layers`` selects among those ``accepts`` (described as ``what`` in
+    errors): ``"all"``, ``"last:N"`` (the last N in ``named_modules`` order), one name or a list.
+
+    Raises:
+        ConfigError: a bad N.
+        UnknownNameError: a name that is not such a module (closest names listed).
+    """
+    candidates = [name for name, m in model.named_modules() if name and accepts(m)]
+    if layers == "all":
+        return candidates
     if isinstance(layers, str) and layers.startswith("last:"):
         count = layers.removeprefix("last:")
         if not count.isdigit() or not 1 <= int(count) <= len(candidates):
             raise ConfigError(
                 f"layers={layers!r}: N must be an integer in [1, {len(candidates)}] (the "
-                f"Conv2d/Linear modules of {type(model).__name__}); e.g. 'last:2'"
+                f"{what} modules of {type(model).__name__}); e.g. 'last:2' or 'all'"
             )
         return candidates[-int(count) :]
     names = [layers] if isinstance(layers, str) else list(layers)
     for name in names:
         if name not in candidates:
             raise UnknownNameError(
-                f"{name!r} is not a Conv2d/Linear module of {type(model).__name__}"
-                f"{suggest(name, candidates)}; pass names from model.named_modules() or 'last:N'"
+                f"{name!r} is not a {what} module of {type(model).__name__}"
+                f"{suggest(name, candidates)}; pass names from model.named_modules(), 'all' or "
+                "'last:N'"
             )
     return names
+
+
+def _layer_names(model: nn.Module, layers: Sequence[str] | str) -> list[str]:
+    """:func:`layer_names` among the Conv2d/Linear modules (plain or compressed)."""
+    return layer_names(
+        model,
+        layers,
+        lambda m: type(m) in _COMPRESSED or isinstance(m, _Compressed),
+        "Conv2d/Linear",
+    )
 
 
 def compress_activations(
