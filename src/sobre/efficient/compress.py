@@ -114,11 +114,28 @@ def explained_rank(singular_values: Tensor, eps: float) -> int:
     return min(int((ratio < eps).sum()) + 1, n)
 
 
-def _factor(matrix: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``U_K, σ_K, V_Kᵀ`` of ``matrix``'s SVD truncated to its explained rank (own storages)."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = explained_rank(s, eps)
-    return u[:, :k].clone(), s[:k].clone(), vh[:k].clone()
+def _top_basis(gram: Tensor, eps: float) -> Tensor:
+    """The leading eigenvectors of the Gram matrix ``gram`` (= ``M Mᵀ`` or ``Mᵀ M``) up to the
+    :func:`explained_rank` of ``M``'s singular values ``σ = sqrt(λ)``, in descending order."""
+    evals, evecs = torch.linalg.eigh(gram)
+    sigma = evals.flip(0).clamp_min(0).sqrt()
+    return evecs.flip(1)[:, : explained_rank(sigma, eps)]
+
+
+def _left_basis(matrix: Tensor, eps: float) -> Tensor:
+    """``U_K``: the leading left singular vectors of ``matrix`` up to its explained rank.
+
+    Computed from the eigendecomposition of the Gram matrix of the short side (an unfolding
+    is I_n x Π_{m≠n} I_m: wide), in float32 at least: the same subspace as the SVD's, a
+    fraction of its cost, and no iterative SVD that may fail to converge (cuSOLVER's gesvd on
+    wide, nearly rank-deficient unfoldings falls back to a slow path).
+    """
+    m = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    if m.shape[0] <= m.shape[1]:
+        basis = _top_basis(m @ m.t(), eps)
+    else:  # tall: the right basis first, then an orthonormal basis of its image
+        basis = torch.linalg.qr(m @ _top_basis(m.t() @ m, eps)).Q
+    return basis.to(matrix.dtype).contiguous()
 
 
 def hosvd(a: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
@@ -130,7 +147,7 @@ def hosvd(a: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
     Raises:
         ConfigError: ``eps`` outside (0, 1].
     """
-    factors = [_factor(_unfold(a, n), eps)[0] for n in range(a.ndim)]
+    factors = [_left_basis(_unfold(a, n), eps) for n in range(a.ndim)]
     return _core(a, factors), factors
 
 
@@ -161,7 +178,8 @@ def _channel_last(a: Tensor) -> Tensor:
 
 
 def svd_compress(a: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Truncated SVD of the channel unfolding of ``a`` (SVD_ε): ``(U_K diag σ_K, V_Kᵀ)``.
+    """Truncated SVD of the channel unfolding of ``a`` (SVD_ε) as two factors ``left @ right``:
+    ``(U_K diag σ_K, V_Kᵀ)``, or ``(U_K, diag σ_K V_Kᵀ)`` when the unfolding is wide.
 
     The unfolding is ``(B·H·W, C)`` for a 4-D conv input and ``(N, features)`` otherwise
     (every leading axis of a linear input is flattened).
@@ -170,8 +188,12 @@ def svd_compress(a: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         ConfigError: ``eps`` outside (0, 1].
     """
     last = _channel_last(a)
-    u, s, vh = _factor(last.reshape(-1, last.shape[-1]), eps)
-    return u * s, vh
+    m = last.reshape(-1, last.shape[-1])
+    if m.shape[0] >= m.shape[1]:
+        v = _left_basis(m.t(), eps)  # the right singular vectors V_K
+        return m @ v, v.t().contiguous()
+    u = _left_basis(m, eps)
+    return u, (u.t() @ m).contiguous()
 
 
 def svd_reconstruct(left: Tensor, right: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
