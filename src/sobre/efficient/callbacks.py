@@ -42,17 +42,21 @@ from sobre.core.registry import check_choice
 from sobre.efficient.budget import BudgetedNeuronSelector
 from sobre.efficient.compress import (
     METHODS,
+    _Compressed,
     _layer_names,
     compress_recorded,
     decompress_recorded,
+    layer_names,
     select_ranks,
 )
 from sobre.efficient.dynamic import ChannelBudget
+from sobre.efficient.lora import LoRALinear, add_lora_recorded, merge_lora_recorded
 from sobre.efficient.masks import MaskedOptimizer, NeuronMask
 from sobre.efficient.neq import NEq, drive_sparse
 from sobre.efficient.neve import NeuralVelocity, VelocityPlateau
 from sobre.efficient.probe import probe_inputs
 from sobre.efficient.sparse import densify, fold_frozen_bn, mask_relus, sparsify
+from sobre.efficient.wasi import WASILinear, unwasi_recorded, wasi_recorded
 
 __all__ = [
     "ActivationCompressionCallback",
@@ -616,32 +620,45 @@ class NeVeCallback(pl.Callback):
 
 
 class ActivationCompressionCallback(pl.Callback):
-    """HOSVD_ε (#35) / ASI (#37) compressed activations for memory-bounded fine-tuning, in a fit.
+    """Memory-bounded fine-tuning in a fit: HOSVD_ε (#35), ASI (#37), WASI (#46) or LoRA.
 
-    At the start of the fit every parameter outside ``layers`` and ``train_fully`` is frozen,
-    BatchNorm is folded (``fold_bn``; frozen BN saves its input, spec §0), the ``layers`` are
-    swapped for compressed ones (:func:`~sobre.efficient.compress.compress_recorded`, recorded
-    so a mid-fit checkpoint resumes exactly, ASI buffers included) and ReLUs that would keep a
-    compressed layer's input alive save a bit mask instead (``mask_relus``). ASI's ranks come
-    from ``ranks`` or from :func:`~sobre.efficient.compress.select_ranks` under
-    ``budget_bytes`` (or ``budget_fraction`` of the measured uncompressed step). At the end the
-    layers are plain again (the final checkpoint is an ordinary model) and everything trains.
+    At the start of the fit BatchNorm is folded (``fold_bn``; frozen BN saves its input, spec
+    §0), every parameter outside ``layers`` and ``train_fully`` is frozen, and ``layers`` are
+    swapped by a recorded structure edit (a mid-fit checkpoint, ASI/WASI buffers and LoRA
+    adapters included, resumes exactly):
+
+    - ``hosvd`` / ``svd`` / ``asi``: compressed Conv2d/Linear layers
+      (:func:`~sobre.efficient.compress.compress_recorded`);
+    - ``wasi``: :class:`~sobre.efficient.wasi.WASILinear` (rank-k weights keeping
+      ``weight_var``, ASI-compressed inputs);
+    - ``lora``: :class:`~sobre.efficient.lora.LoRALinear` adapters (rank ``lora_rank``) on the
+      frozen layers, the peer arm;
+    - ``none``: the uncompressed baseline (same frozen set, folding and mask ReLUs).
+
+    ReLUs that would keep a compressed input alive then save a bit mask (``mask_relus``). ASI's
+    and WASI's activation ranks come from ``ranks`` or from
+    :func:`~sobre.efficient.compress.select_ranks` under ``budget_bytes`` (or
+    ``budget_fraction`` of the measured uncompressed step). At the end of the fit the layers
+    are plain again (WASI keeps its dense ``W``; LoRA is merged), so the final checkpoint is an
+    ordinary model, and everything trains in a later stage.
 
     Logged each epoch, measured beside analytic: ``efficient/saved_mb`` (autograd's saved
     activations of one step, unique storages), ``efficient/uncompressed_mb`` (the same step
-    before compression, same frozen set), ``efficient/compression`` (their ratio),
-    ``efficient/analytic_mb`` (the compressed layers' cores and factors) and
+    before the swap, same frozen set), ``efficient/compression`` (their ratio),
+    ``efficient/analytic_mb`` (the compressed inputs' cores and factors) and
     ``efficient/step_ms`` (median step time).
 
     Args:
-        layers: the Conv2d/Linear modules to train compressed (names or ``"last:N"``).
-        method: ``"hosvd"``, ``"svd"``, ``"asi"``, or ``"none"``: the uncompressed baseline
-            (same frozen set, folding and mask ReLUs, nothing compressed).
+        layers: the modules to swap (names, ``"last:N"`` or ``"all"``; Conv2d/Linear, or Linear
+            only for WASI and LoRA).
+        method: ``"hosvd"``, ``"svd"``, ``"asi"``, ``"wasi"``, ``"lora"`` or ``"none"``.
         explained_var: ε of HOSVD/SVD.
-        ranks: ASI's ranks (one int, one per mode, or per layer).
-        budget_bytes, budget_fraction: ASI's factor budget in bytes, or as a fraction of the
-            uncompressed step's measured bytes (at most one; ASI needs one of them or ranks).
-        train_fully: modules trained uncompressed (e.g. a new head).
+        ranks: ASI/WASI activation ranks (one int, one per mode, or per layer).
+        budget_bytes, budget_fraction: ASI/WASI factor budget in bytes, or as a fraction of the
+            uncompressed step's measured bytes (exactly one of them or ``ranks``).
+        weight_var: WASI's explained variance of each weight.
+        lora_rank, lora_alpha: LoRA's rank and scale numerator.
+        train_fully: modules trained as they are (e.g. a new head, norms).
         fold_bn: fold every BatchNorm that follows a conv (needs a traceable model).
         mask_relus: swap ReLUs for bit-mask ones where that saves measured bytes.
         measure_batch: batch size of the measurement (``None``: the datamodule's).
@@ -655,28 +672,31 @@ class ActivationCompressionCallback(pl.Callback):
         ranks: int | list[int] | dict[str, list[int]] | None = None,
         budget_bytes: int | None = None,
         budget_fraction: float | None = None,
+        weight_var: float = 0.8,
+        lora_rank: int = 8,
+        lora_alpha: float = 16,
         train_fully: list[str] | None = None,
         fold_bn: bool = True,
         mask_relus: bool = True,
         measure_batch: int | None = None,
     ) -> None:
+        check_choice("method", method, SWAPS, owner="ActivationCompressionCallback")
         if budget_bytes is not None and budget_fraction is not None:
             raise ConfigError("give budget_bytes or budget_fraction, not both")
         if budget_fraction is not None and not 0 < budget_fraction <= 1:
             raise ConfigError(f"budget_fraction must lie in (0, 1], got {budget_fraction}")
         budgeted = budget_bytes is not None or budget_fraction is not None
-        if method == "asi" and (ranks is None) == (not budgeted):
+        if method in ("asi", "wasi") and (ranks is None) == (not budgeted):
             raise ConfigError(
-                "method='asi' needs exactly one of ranks, budget_bytes or budget_fraction"
+                f"method={method!r} needs exactly one of ranks, budget_bytes or budget_fraction"
             )
-        if method != "asi" and (ranks is not None or budgeted):
+        if method not in ("asi", "wasi") and (ranks is not None or budgeted):
             raise ConfigError(
-                f"ranks and budgets are ASI's; method={method!r} keeps "
-                f"explained_var={explained_var} instead"
+                f"ranks and budgets are ASI's and WASI's; method={method!r} takes none"
             )
-        check_choice("method", method, (*METHODS, "none"), owner="ActivationCompressionCallback")
         self.layers, self.method, self.explained_var = layers, method, explained_var
         self.ranks, self.budget_bytes, self.budget_fraction = ranks, budget_bytes, budget_fraction
+        self.weight_var, self.lora_rank, self.lora_alpha = weight_var, lora_rank, lora_alpha
         self.train_fully = list(train_fully or [])
         self.fold_bn, self.mask_relus, self.measure_batch = fold_bn, mask_relus, measure_batch
         self._example: Tensor | None = None
@@ -697,32 +717,42 @@ class ActivationCompressionCallback(pl.Callback):
         n = min(self.measure_batch or dm.batch_size, len(dm.train_dataset))
         self._example = example = dm.example_input(n).to(pl_module.device)
         net: nn.Module = pl_module.net
-        resumed = any(hasattr(m, "saved_bytes") for m in net.modules())  # replayed by the engine
-        if not resumed:
-            names = _layer_names(net, self.layers)
+        swapped = [name for name, m in net.named_modules() if isinstance(m, _SWAPPED)]
+        if swapped:  # a resumed fit: the engine replayed the edits; requires_grad is not saved
+            _train_only(net, [*swapped, *self.train_fully])
+        else:
+            linear = self.method in ("wasi", "lora")
+            names = (
+                layer_names(net, self.layers, lambda m: type(m) is nn.Linear, "nn.Linear")
+                if linear
+                else _layer_names(net, self.layers)
+            )
             if self.fold_bn:
                 net = fold_frozen_bn(net)
             _train_only(net, [*names, *self.train_fully])
             self._uncompressed = saved_activation_bytes(net, example).activations
-            if self.method != "none":
-                net = compress_recorded(
-                    net,
-                    layers=names,
-                    method=self.method,
-                    explained_var=self.explained_var,
-                    ranks=self._ranks(net, names, example),
-                )
-        else:  # requires_grad is not checkpointed
-            compressed = [n for n, m in net.named_modules() if hasattr(m, "saved_bytes")]
-            _train_only(net, [*compressed, *self.train_fully])
+            net = self._swap(net, names, example)
         if self.mask_relus:
             net = mask_relus(net, example)
         pl_module.net = net
         trainer.strategy.setup_optimizers(trainer)  # over what trains now
 
+    def _swap(self, net: nn.Module, names: list[str], example: Tensor) -> nn.Module:
+        """Apply the method's recorded edit to ``names``."""
+        if self.method == "none":
+            return net
+        if self.method == "lora":
+            return add_lora_recorded(net, layers=names, rank=self.lora_rank, alpha=self.lora_alpha)
+        ranks = self._ranks(net, names, example)
+        if self.method == "wasi":
+            return wasi_recorded(net, layers=names, weight_var=self.weight_var, ranks=ranks)
+        return compress_recorded(
+            net, layers=names, method=self.method, explained_var=self.explained_var, ranks=ranks
+        )
+
     def _ranks(self, net: nn.Module, names: list[str], example: Tensor) -> Any:
-        """ASI's per-layer ranks as JSON-able lists (``None`` for HOSVD/SVD)."""
-        if self.method != "asi":
+        """ASI's/WASI's per-layer activation ranks as JSON-able lists (``None`` otherwise)."""
+        if self.method not in ("asi", "wasi"):
             return None
         budget = self.budget_bytes
         if self.budget_fraction is not None:
@@ -731,7 +761,7 @@ class ActivationCompressionCallback(pl.Callback):
             ranks = self.ranks
             return {n: ranks[n] if isinstance(ranks, dict) else ranks for n in names}
         chosen = select_ranks(net, example, budget, layers=names)
-        log.info("ASI ranks under %d bytes: %s", budget, chosen)
+        log.info("%s activation ranks under %d bytes: %s", self.method, budget, chosen)
         return {n: list(r) for n, r in chosen.items()}
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -756,7 +786,14 @@ class ActivationCompressionCallback(pl.Callback):
             pl_module.log(key, float(value), on_epoch=True, sync_dist=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.net = decompress_recorded(pl_module.net)
+        net = pl_module.net
+        if any(isinstance(m, _Compressed) for m in net.modules()):
+            net = decompress_recorded(net)
+        if any(isinstance(m, WASILinear) for m in net.modules()):
+            net = unwasi_recorded(net)
+        if any(isinstance(m, LoRALinear) for m in net.modules()):
+            net = merge_lora_recorded(net)
+        pl_module.net = net
         for p in pl_module.net.parameters():  # a later stage trains the whole model again
             p.requires_grad_(True)
 
@@ -768,6 +805,17 @@ class ActivationCompressionCallback(pl.Callback):
 
 
 def _train_only(net: nn.Module, modules: list[str]) -> None:
-    """Train the parameters of ``modules`` (and their children), freeze every other one."""
+    """Train the parameters of ``modules`` (and their children), freeze every other one; LoRA
+    layers train their adapters only."""
     for name, p in net.named_parameters():
         p.requires_grad_(any(name.startswith(k + ".") for k in modules))
+    for m in net.modules():
+        if isinstance(m, LoRALinear):
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.requires_grad_(False)
+
+
+SWAPS = (*METHODS, "wasi", "lora", "none")
+"""The methods of :class:`ActivationCompressionCallback`."""
+_SWAPPED = (_Compressed, WASILinear, LoRALinear)

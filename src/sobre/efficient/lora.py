@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
 from sobre.efficient.compress import layer_names
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora"]
+__all__ = ["LoRALinear", "add_lora", "add_lora_recorded", "merge_lora", "merge_lora_recorded"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -124,3 +125,18 @@ def merge_lora(model: M) -> M:
             del module.rank, module.alpha, module.scale, module._base_grad
             module.__class__ = nn.Linear
     return model
+
+
+@structural_edit("add_lora")
+def add_lora_recorded(
+    model: nn.Module, layers: list[str], rank: int = 8, alpha: float = 16
+) -> nn.Module:
+    """:func:`add_lora` as a recorded structure edit (a mid-fit checkpoint holds ``lora_a``,
+    ``lora_b``; replaying the log rebuilds them before loading)."""
+    return add_lora(model, rank, alpha, layers)
+
+
+@structural_edit("merge_lora")
+def merge_lora_recorded(model: nn.Module) -> nn.Module:
+    """:func:`merge_lora` as a recorded structure edit (the pair of :func:`add_lora_recorded`)."""
+    return merge_lora(model)

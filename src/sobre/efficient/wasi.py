@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
 from sobre.efficient.compress import (
     ASIState,
@@ -40,13 +41,21 @@ from sobre.efficient.compress import (
     _check,
     _expand,
     _ranks,
+    _tucker_bytes,
     explained_rank,
     layer_names,
     linear_weight_grad,
     select_ranks,
 )
 
-__all__ = ["WASILinear", "export_wasi", "unwasi", "wasi"]
+__all__ = [
+    "WASILinear",
+    "export_wasi",
+    "unwasi",
+    "unwasi_recorded",
+    "wasi",
+    "wasi_recorded",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -144,9 +153,13 @@ class WASILinear(nn.Linear):
             return F.linear(F.linear(x, self.right), self.left, self.bias)
         if self.training:
             self.power_iteration()
-        return _WASIFn.apply(
+        out = _WASIFn.apply(
             x, self.weight, self.bias, self.left, self.right, self.activation_ranks, self.asi_state
         )
+        if self.weight.requires_grad:  # analytic bytes of the saved core and factors
+            ranks = [u.shape[1] for u in self.asi_state.factors[: x.ndim]]
+            self.saved_bytes = _tucker_bytes(x.shape, ranks)
+        return out
 
     def export(self) -> nn.Sequential:
         """The plain inference module ``Linear(in, k, bias=False)`` (weight ``R``) then
@@ -273,5 +286,22 @@ def unwasi(model: M) -> M:
     for _, module in _wasi_layers(model):
         del module.asi_state, module.left, module.right
         del module.weight_var, module.activation_ranks
+        module.__dict__.pop("saved_bytes", None)
         module.__class__ = nn.Linear
     return model
+
+
+@structural_edit("wasi")
+def wasi_recorded(
+    model: nn.Module, layers: list[str], weight_var: float, ranks: dict[str, list[int]]
+) -> nn.Module:
+    """:func:`wasi` as a recorded structure edit at resolved per-layer activation ``ranks``: a
+    mid-fit checkpoint (``W``, ``L``, ``R`` and the ASI buffers) resumes exactly once its log is
+    replayed."""
+    return wasi(model, weight_var, layers=layers, activation_ranks=ranks)
+
+
+@structural_edit("unwasi")
+def unwasi_recorded(model: nn.Module) -> nn.Module:
+    """:func:`unwasi` as a recorded structure edit (the pair of :func:`wasi_recorded`)."""
+    return unwasi(model)
