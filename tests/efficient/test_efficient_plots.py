@@ -18,7 +18,7 @@ def _run(tmp_path: Path, rows: list[dict[str, float]], metrics: dict | None = No
 def test_plots_are_registered_through_the_entry_points():
     _load_plot_plugins()
     assert {"efficient_trainable", "efficient_cost", "efficient_velocity"} <= set(PLOTS.names())
-    assert "efficient_budget" in COMPARE_PLOTS.names()
+    assert {"efficient_budget", "efficient_memory"} <= set(COMPARE_PLOTS.names())
 
 
 def test_runs_without_efficient_logs_draw_nothing(tmp_path):
@@ -66,4 +66,24 @@ def test_budget_curve_has_one_line_per_recipe_sorted_by_budget(tmp_path):
     assert set(lines) == {"velocity", "random"}
     assert list(lines["velocity"].get_xdata()) == pytest.approx([5.0, 10.0])
     assert list(lines["velocity"].get_ydata()) == pytest.approx([0.8, 0.9])
+    plt.close("all")
+
+
+def test_memory_pareto_labels_each_run_with_its_method_and_step_time(tmp_path):
+    config = (
+        "stages:\n- {name: pretrain}\n- name: finetune\n  methods:\n"
+        "  - class_path: sobre.efficient.callbacks.ActivationCompressionCallback\n"
+        "    init_args: {method: %s}\n"
+    )
+    runs = []
+    for method, saved, acc in (("none", 3.8, 0.94), ("hosvd", 0.13, 0.93), ("asi", 0.15, 0.91)):
+        run = _run(tmp_path, [], {"test/acc": acc}, method)
+        run.metrics["stages"] = {"finetune": {"efficient/saved_mb": saved, "efficient/step_ms": 50}}
+        run.config = config % method
+        runs.append(run)
+    assert plots.memory_pareto([_run(tmp_path, [], {"test/acc": 0.5})]) is None
+    ax = plots.memory_pareto(runs).axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.texts] == ["none (50 ms)", "hosvd (50 ms)", "asi (50 ms)"]
+    assert [line.get_xdata()[0] for line in ax.lines] == [3.8, 0.13, 0.15]
     plt.close("all")

@@ -57,6 +57,8 @@ def test_cpu_recipe_runs_end_to_end(path, runs_dir):
         assert last["efficient/realised"] <= last["efficient/budget"]
     if "efficient/budget_mb" in last:  # TraDy / MeDyate: measured bytes under the budget
         assert last["efficient/saved_mb"] <= last["efficient/budget_mb"]
+    if last.get("efficient/analytic_mb"):  # compressed inputs: fewer measured bytes
+        assert last["efficient/saved_mb"] < last["efficient/uncompressed_mb"]
 
 
 @pytest.mark.slow

@@ -8,7 +8,10 @@ entry points), drawn from what its callbacks log per epoch.
 - ``efficient_velocity``: mean neuron velocity per epoch (NEq per layer, NeVe for the model),
   log scale, with NeVe's LR decays and stop;
 - comparison ``efficient_budget``: test accuracy against the update budget, one line per recipe,
-  for runs of budgeted recipes at several budgets.
+  for runs of budgeted recipes at several budgets;
+- comparison ``efficient_memory``: the Pareto view of memory-bounded fine-tuning, test accuracy
+  against the measured saved activation bytes of a step (log scale), each run labelled with
+  its method and measured step time (``ActivationCompressionCallback`` runs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -146,6 +150,40 @@ def budget_curve(runs: list[RunFiles]) -> Figure | None:
     return fig
 
 
+def _method(run: RunFiles) -> str:
+    """The memory-bounded fine-tuning method of ``run``'s last stage (from its config)."""
+    config = yaml.safe_load(run.config or "{}") or {}
+    for stage in reversed(config.get("stages") or []):
+        for method in stage.get("methods") or []:
+            args = method.get("init_args") or {}
+            if "ActivationCompression" in str(method.get("class_path", "")):
+                return str(args.get("method", "hosvd"))
+    return run.dir.parent.name
+
+
+def memory_pareto(runs: list[RunFiles]) -> Figure | None:
+    """Test accuracy against measured saved activation MB per step (log x), one point per run,
+    labelled with its method and median step time."""
+    points = []
+    for run in runs:
+        saved, acc = _final(run, "efficient/saved_mb"), run.metrics.get("test/acc")
+        if saved is not None and acc is not None:
+            points.append((saved, float(acc), _method(run), _final(run, "efficient/step_ms")))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), constrained_layout=True)
+    for saved, acc, name, ms in points:
+        ax.plot(saved, acc, "o", ms=6)
+        label = name if ms is None else f"{name} ({ms:.0f} ms)"
+        ax.annotate(label, (saved, acc), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("saved activations per step (MB, measured)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("memory-bounded fine-tuning: accuracy vs bytes (step time)")
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
 def register(plots: Registry[Any]) -> None:
     """Entry point: add this family's per-run plots to the report's registry."""
     for name, fn in (
@@ -159,5 +197,6 @@ def register(plots: Registry[Any]) -> None:
 
 def register_comparisons(plots: Registry[Any]) -> None:
     """Entry point: add this family's figures of several runs."""
-    if "efficient_budget" not in plots:
-        plots.register("efficient_budget")(budget_curve)
+    for name, fn in (("efficient_budget", budget_curve), ("efficient_memory", memory_pareto)):
+        if name not in plots:
+            plots.register(name)(fn)
