@@ -208,3 +208,13 @@ def test_compressing_second_conv_saves_measured_bytes(method: str) -> None:
     assert after < before
     # what remains is the first conv's input plus less than the second conv's full input
     assert x.nbytes <= after < x.nbytes + (before - x.nbytes) // 2
+
+
+@pytest.mark.parametrize("method", ["hosvd", "svd"])
+def test_saved_factors_own_their_storage(method: str) -> None:
+    """A rank-1 factor is a copy, not a one-column view keeping the whole eigenvector matrix
+    (I_n x I_n) alive: the measured bytes equal the analytic ones."""
+    x = torch.ones(4, 64, 3, 3) + 1e-3 * smooth(4, 64, 3, 3)  # nearly rank 1 in every mode
+    layer = compress_activations(nn.Sequential(nn.Conv2d(64, 2, 1)), "0", method=method)[0]
+    measured = saved_activation_bytes(nn.Sequential(layer), x).activations
+    assert measured == layer.saved_bytes

@@ -135,7 +135,9 @@ def _left_basis(matrix: Tensor, eps: float) -> Tensor:
         basis = _top_basis(m @ m.t(), eps)
     else:  # tall: the right basis first, then an orthonormal basis of its image
         basis = torch.linalg.qr(m @ _top_basis(m.t() @ m, eps)).Q
-    return basis.to(matrix.dtype).contiguous()
+    # a copy with its own storage: a one-column slice of LAPACK's column-major eigenvectors
+    # counts as contiguous and would keep the whole I_n x I_n matrix alive for backward
+    return basis.to(matrix.dtype).clone(memory_format=torch.contiguous_format)
 
 
 def hosvd(a: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
