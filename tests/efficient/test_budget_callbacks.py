@@ -47,6 +47,18 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return load_tree(run / "checkpoints/finetune/final.safetensors")[0]["state_dict"]
 
 
+def assert_resumes_exactly(recipe: dict, runs_dir, reference) -> None:
+    """A fit of ``recipe`` killed in its fine-tuning stage and resumed ends with the final
+    weights of the uninterrupted run in ``reference``."""
+    with pytest.raises(RuntimeError, match="killed"):
+        sobre.fit(copy.deepcopy(recipe), callbacks=[Crash()])
+    crashed = sorted((runs_dir / "tiny").iterdir())[-1]
+    sobre.fit(resume=crashed)
+    a, b = _weights(reference), _weights(crashed)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
 @pytest.mark.parametrize("method", [BUDGET, TRADY], ids=["budget", "trady"])
 def test_budgeted_finetuning_stays_in_budget_and_resumes_exactly(transfer, runs_dir, method):
     transfer["stages"][1]["methods"] = [method]
@@ -66,13 +78,7 @@ def test_budgeted_finetuning_stays_in_budget_and_resumes_exactly(transfer, runs_
         if hasattr(m, "weight") and m.weight is not None and m.weight.ndim in (2, 4)
     )
     assert all(p.requires_grad for p in net.parameters())
-    with pytest.raises(RuntimeError, match="killed"):
-        sobre.fit(copy.deepcopy(transfer), callbacks=[Crash()])
-    crashed = sorted((runs_dir / "tiny").iterdir())[-1]
-    sobre.fit(resume=crashed)
-    a, b = _weights(full.run_dir), _weights(crashed)
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    assert_resumes_exactly(transfer, runs_dir, full.run_dir)
 
 
 @pytest.mark.parametrize(
