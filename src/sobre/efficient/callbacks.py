@@ -658,7 +658,8 @@ class ActivationCompressionCallback(pl.Callback):
             uncompressed step's measured bytes (exactly one of them or ``ranks``).
         weight_var: WASI's explained variance of each weight.
         lora_rank, lora_alpha: LoRA's rank and scale numerator.
-        train_fully: modules trained as they are (e.g. a new head, norms).
+        train_fully: modules (or parameters, e.g. ``pos_embed``) trained as they are (a new
+            head, norms, embeddings).
         fold_bn: fold every BatchNorm that follows a conv (needs a traceable model).
         mask_relus: swap ReLUs for bit-mask ones where that saves measured bytes.
         measure_batch: batch size of the measurement (``None``: the datamodule's).
@@ -805,10 +806,10 @@ class ActivationCompressionCallback(pl.Callback):
 
 
 def _train_only(net: nn.Module, modules: list[str]) -> None:
-    """Train the parameters of ``modules`` (and their children), freeze every other one; LoRA
-    layers train their adapters only."""
+    """Train the parameters of ``modules`` (names of modules or of parameters), freeze every
+    other one; LoRA layers train their adapters only."""
     for name, p in net.named_parameters():
-        p.requires_grad_(any(name.startswith(k + ".") for k in modules))
+        p.requires_grad_(any(name == k or name.startswith(k + ".") for k in modules))
     for m in net.modules():
         if isinstance(m, LoRALinear):
             for p in (m.weight, m.bias):

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter
 
 from sobre.core.registry import Registry
 
@@ -177,6 +177,9 @@ def memory_pareto(runs: list[RunFiles]) -> Figure | None:
         label = name if ms is None else f"{name} ({ms:.0f} ms)"
         ax.annotate(label, (saved, acc), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.15)
     ax.set_xlabel("saved activations per step (MB, measured)")
     ax.set_ylabel("test accuracy")
     ax.set_title("memory-bounded fine-tuning: accuracy vs bytes (step time)")
