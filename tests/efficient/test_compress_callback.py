@@ -41,19 +41,6 @@ ASI = {
 }
 
 
-@pytest.fixture
-def transfer(tiny_recipe):
-    tiny_recipe["data"].update(num_classes=4, classes=[0, 1], num_samples=160)
-    tiny_recipe["model"].update(optimizer="sgd", lr=0.05, scheduler="none")
-    tiny_recipe["trainer"]["max_epochs"] = 2
-    tiny_recipe["evaluate"] = {"measure": False, "report": False, "checkpoint": "final"}
-    tiny_recipe["stages"] = [
-        {"name": "pretrain"},
-        {"name": "finetune", "max_epochs": 3, "data": {"classes": [2, 3]}},
-    ]
-    return tiny_recipe
-
-
 @pytest.mark.parametrize(
     "method", [HOSVD, ASI, NONE, WASI, LORA], ids=["hosvd", "asi", "none", "wasi", "lora"]
 )
