@@ -438,6 +438,19 @@ class _Compressed:
     explained_var: float
     ranks: tuple[int, ...] | None
 
+    def __init__(
+        self,
+        *args: Any,
+        method: str = "hosvd",
+        explained_var: float = 0.8,
+        ranks: Ranks | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)  # the torch layer's
+        if isinstance(self, nn.Conv2d):
+            _check_groups(self, type(self).__name__)
+        self._configure(method, explained_var, ranks)
+
     def _configure(self, method: str, explained_var: float, ranks: Ranks | None = None) -> None:
         _check(explained_var, method)
         modes = _modes(self)  # type: ignore[arg-type]
@@ -473,17 +486,6 @@ class CompressedLinear(_Compressed, nn.Linear):
         **kwargs: ``nn.Linear``'s keyword arguments.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        method: str = "hosvd",
-        explained_var: float = 0.8,
-        ranks: Ranks | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._configure(method, explained_var, ranks)
-
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(x)
@@ -507,18 +509,6 @@ class CompressedConv2d(_Compressed, nn.Conv2d):
     Raises:
         ConfigError: a grouped or depthwise conv, ASI without valid ranks.
     """
-
-    def __init__(
-        self,
-        *args: Any,
-        method: str = "hosvd",
-        explained_var: float = 0.8,
-        ranks: Ranks | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        _check_groups(self, type(self).__name__)
-        self._configure(method, explained_var, ranks)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
