@@ -114,6 +114,17 @@ def explained_rank(singular_values: Tensor, eps: float) -> int:
     return min(int((ratio < eps).sum()) + 1, n)
 
 
+def _short_gram(matrix: Tensor) -> Tensor:
+    """The Gram matrix of ``matrix``'s short side (``M Mᵀ`` when wide, ``Mᵀ M`` when tall), in
+    float32 at least: its eigenvalues are the squared singular values of ``M``.
+
+    Decomposing it instead of ``M`` gives the SVD's spectrum and subspace at a fraction of the
+    cost, with no iterative SVD that may fail to converge (cuSOLVER's gesvd on wide, nearly
+    rank-deficient unfoldings falls back to a slow path)."""
+    m = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+    return m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+
+
 def _top_basis(gram: Tensor, eps: float) -> Tensor:
     """The leading eigenvectors of the Gram matrix ``gram`` (= ``M Mᵀ`` or ``Mᵀ M``) up to the
     :func:`explained_rank` of ``M``'s singular values ``σ = sqrt(λ)``, in descending order."""
@@ -123,18 +134,11 @@ def _top_basis(gram: Tensor, eps: float) -> Tensor:
 
 
 def _left_basis(matrix: Tensor, eps: float) -> Tensor:
-    """``U_K``: the leading left singular vectors of ``matrix`` up to its explained rank.
-
-    Computed from the eigendecomposition of the Gram matrix of the short side (an unfolding
-    is I_n x Π_{m≠n} I_m: wide), in float32 at least: the same subspace as the SVD's, a
-    fraction of its cost, and no iterative SVD that may fail to converge (cuSOLVER's gesvd on
-    wide, nearly rank-deficient unfoldings falls back to a slow path).
-    """
-    m = matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
-    if m.shape[0] <= m.shape[1]:
-        basis = _top_basis(m @ m.t(), eps)
-    else:  # tall: the right basis first, then an orthonormal basis of its image
-        basis = torch.linalg.qr(m @ _top_basis(m.t() @ m, eps)).Q
+    """``U_K``: the leading left singular vectors of ``matrix`` up to its explained rank, from
+    :func:`_short_gram` (an unfolding is I_n x Π_{m≠n} I_m: usually wide)."""
+    basis = _top_basis(_short_gram(matrix), eps)
+    if matrix.shape[0] > matrix.shape[1]:  # tall: that was V_K; U_K spans the image M V_K
+        basis = torch.linalg.qr(matrix.to(basis) @ basis).Q
     # a copy with its own storage: a one-column slice of LAPACK's column-major eigenvectors
     # counts as contiguous and would keep the whole I_n x I_n matrix alive for backward
     return basis.to(matrix.dtype).clone(memory_format=torch.contiguous_format)
@@ -308,6 +312,12 @@ def _compress(x: Tensor, spec: _Spec) -> list[Tensor]:
     return [core, *factors]
 
 
+def _record_saved_bytes(layer: nn.Module | None, saved: Sequence[Tensor]) -> None:
+    """Set ``layer.saved_bytes`` to the size of the compressed input it saved for backward."""
+    if layer is not None:
+        layer.saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+
+
 def _expand(ranks: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """One rank per mode of an ``ndim``-D input: a single stored rank applies to every mode."""
     if len(ranks) == 1:
@@ -379,8 +389,7 @@ class _CompressedFn(torch.autograd.Function):
             out = F.linear(x, weight, bias)
         saved = _compress(x.detach(), spec) if ctx.needs_input_grad[1] else []
         ctx.save_for_backward(weight, *saved)
-        if spec.layer is not None:
-            spec.layer.saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+        _record_saved_bytes(spec.layer, saved)
         ctx.spec = replace(spec, shape=tuple(x.shape))
         return out
 
@@ -693,8 +702,9 @@ def select_ranks(
         a = tap.features[name].float()
         total = a.square().sum().clamp_min(1e-30)
         shapes[name] = tuple(a.shape)
-        energies[name] = [
-            torch.linalg.svdvals(_unfold(a, n)).square() / total for n in range(a.ndim)
+        energies[name] = [  # σ², descending, of every mode unfolding
+            torch.linalg.eigvalsh(_short_gram(_unfold(a, n))).flip(0).clamp_min(0) / total
+            for n in range(a.ndim)
         ]
     ranks = {name: [1] * len(shape) for name, shape in shapes.items()}
     used = sum(_tucker_bytes(shapes[name], ranks[name]) for name in names)

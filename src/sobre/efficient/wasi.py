@@ -41,7 +41,7 @@ from sobre.efficient.compress import (
     _check,
     _expand,
     _ranks,
-    _tucker_bytes,
+    _record_saved_bytes,
     explained_rank,
     layer_names,
     linear_weight_grad,
@@ -71,14 +71,15 @@ class _WASIFn(torch.autograd.Function):
         bias: Tensor | None,
         left: Tensor,
         right: Tensor,
-        ranks: tuple[int, ...],
-        state: ASIState,
+        layer: WASILinear,
     ) -> Tensor:
         out = F.linear(F.linear(x, right), left, bias)
         saved: list[Tensor] = []
         if ctx.needs_input_grad[1]:
-            core, factors = state.step(x.detach(), _expand(ranks, x.ndim))
+            ranks = _expand(layer.activation_ranks, x.ndim)
+            core, factors = layer.asi_state.step(x.detach(), ranks)
             saved = [core, *factors]
+            _record_saved_bytes(layer, saved)
         ctx.save_for_backward(left, right, *saved)
         return out
 
@@ -89,7 +90,7 @@ class _WASIFn(torch.autograd.Function):
         gx = (g @ left) @ right if need_x else None
         gw = linear_weight_grad(g, saved, "asi") if need_w else None
         gb = g.reshape(-1, g.shape[-1]).sum(0) if need_b else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None
 
 
 class WASILinear(nn.Linear):
@@ -153,13 +154,7 @@ class WASILinear(nn.Linear):
             return F.linear(F.linear(x, self.right), self.left, self.bias)
         if self.training:
             self.power_iteration()
-        out = _WASIFn.apply(
-            x, self.weight, self.bias, self.left, self.right, self.activation_ranks, self.asi_state
-        )
-        if self.weight.requires_grad:  # analytic bytes of the saved core and factors
-            ranks = [u.shape[1] for u in self.asi_state.factors[: x.ndim]]
-            self.saved_bytes = _tucker_bytes(x.shape, ranks)
-        return out
+        return _WASIFn.apply(x, self.weight, self.bias, self.left, self.right, self)
 
     def export(self) -> nn.Sequential:
         """The plain inference module ``Linear(in, k, bias=False)`` (weight ``R``) then
