@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -165,3 +169,37 @@ def test_gradient_stays_finite_when_the_head_is_certain(kind: str) -> None:
     head = nn.Linear(8, 4)
     mutual_information_estimate(z, p, head, kind=kind).backward()
     assert torch.isfinite(z.grad).all()
+
+
+def _head_after_steps(z: torch.Tensor, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    irene = IRENE(8, 4, head_steps=3, head_lr=0.1)
+    irene.head_step(z, p)
+    return {k: v.clone() for k, v in irene.head.state_dict().items()}
+
+
+def _irene_worker(rank: int, port: int, out_dir: str) -> None:
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        z, p = _batch(n=16)
+        half = slice(0, 8) if rank == 0 else slice(8, 16)
+        torch.save(_head_after_steps(z[half], p[half]), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_keep_one_head_equal_to_the_full_batch_head(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(
+        _irene_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    heads = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    full = _head_after_steps(*_batch(n=16))
+    alone = _head_after_steps(*(t[:8] for t in _batch(n=16)))
+    for key, value in full.items():
+        assert torch.equal(heads[0][key], heads[1][key]), key
+        torch.testing.assert_close(heads[0][key], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone["weight"], full["weight"])  # the halves alone disagree

@@ -14,8 +14,9 @@ A private head g_φ reads the bottleneck z (the tapped layer) and predicts the p
 The head trains inside :meth:`IRENE.forward` with its own optimizer and its parameters have
 ``requires_grad=False`` outside that step, so any loop that optimises the trainable parameters of
 the model and its regularisers (``sobre.fairness.base.train``, the engine's routine) leaves φ to
-the head step and the penalty's gradient reaches only the encoder. The head's optimizer state is
-part of ``state_dict`` (extra state): a resumed run continues exactly.
+the head step and the penalty's gradient reaches only the encoder. The head's gradients are
+averaged over ranks in a distributed fit, so every rank keeps the same head. The head's optimizer
+state is part of ``state_dict`` (extra state): a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sobre.core import dist
 from sobre.core.errors import ConfigError
 from sobre.core.methods import StepContext
 from sobre.core.registry import check_choice
@@ -148,8 +150,21 @@ class IRENE(BiasRegularizer):
         finally:
             self.head.requires_grad_(False)
 
+    def _average_head_grads(self) -> None:
+        """Mean of the head's gradients over ranks (one collective), so every rank's φ agrees."""
+        if not dist.is_distributed():
+            return
+        grads = [q.grad for q in self.head.parameters() if q.grad is not None]
+        mean = dist.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+        for g, m in zip(grads, mean.split([g.numel() for g in grads]), strict=True):
+            g.copy_(m.view_as(g))
+
     def head_step(self, z: Tensor, p: Tensor) -> Tensor:
-        """``head_steps`` Adam steps of CE(g_φ(z.detach()), p); returns the last loss (detached)."""
+        """``head_steps`` Adam steps of CE(g_φ(z.detach()), p); returns the last loss (detached).
+
+        In a distributed fit the gradients are averaged over ranks before each step, as DDP does
+        for the model, so the heads (and the penalty they define) stay identical on every rank.
+        """
         z = z.detach()
         loss = torch.full((), math.nan)
         with torch.enable_grad(), self._head_trainable():
@@ -157,6 +172,7 @@ class IRENE(BiasRegularizer):
                 loss = F.cross_entropy(self.head(z), p)
                 self.head_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self._average_head_grads()
                 self.head_optimizer.step()
         self.head_optimizer.zero_grad(set_to_none=True)
         return loss.detach()
