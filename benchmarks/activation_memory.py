@@ -60,9 +60,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import importlib
-import json
 import os
 import platform
 import statistics
@@ -74,6 +72,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
+from common import calibrate_bn, write_result
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
@@ -119,14 +118,6 @@ def freeze(model: nn.Module, trained: Sequence[str]) -> None:
     for name in trained:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-
-
-def calibrate(model: nn.Module, x: Tensor) -> None:
-    """BN running statistics from 3 train-mode batches (no grad)."""
-    with torch.no_grad():
-        model.train()
-        for i in range(3):
-            model(x + 0.1 * i)
 
 
 class Checkpointed(nn.Module):
@@ -217,7 +208,7 @@ def build_arms(
     blocks = all_blocks[-args.blocks :]
     head = [h for h in head if hasattr(base, h)]
     base = base.to(x.device)
-    calibrate(base, x)
+    calibrate_bn(base, x)
     freeze(base, [*blocks, *head])
     layers, grouped = compressible(base, blocks)
     linears = [n for n in layers if isinstance(base.get_submodule(n), nn.Linear)]
@@ -458,32 +449,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_before = os.getloadavg()
     start = time.perf_counter()
     runs = [bench(key, args, device, notes) for key in args.models]
-    result = {
-        "benchmark": "activation memory and step time of last-k-block fine-tuning",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor(),
-        "threads": args.threads,
-        "size": args.size,
-        "batch": args.batch,
-        "blocks": args.blocks,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "explained_var": args.explained_var,
-        "smoke": args.smoke,
-        "notes": notes,
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "cpus": os.cpu_count(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "models": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({result['seconds']} s)")
-    return result
+    return write_result(
+        args.out,
+        "activation memory and step time of last-k-block fine-tuning",
+        start,
+        torchvision=torchvision.__version__,
+        device=args.device,
+        device_name=torch.cuda.get_device_name(device) if cuda else platform.processor(),
+        threads=args.threads,
+        size=args.size,
+        batch=args.batch,
+        blocks=args.blocks,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        explained_var=args.explained_var,
+        smoke=args.smoke,
+        notes=notes,
+        load_average_before=[round(v, 2) for v in load_before],
+        load_average_after=[round(v, 2) for v in os.getloadavg()],
+        cpus=os.cpu_count(),
+        models=runs,
+    )
 
 
 if __name__ == "__main__":

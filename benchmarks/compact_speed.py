@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
+from common import machine_name, write_result
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -169,21 +167,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs = [bench(key, args.rounds, args.warmup) for key in MODELS]
-    result = {
-        "benchmark": "inference latency: dense vs masked vs compact vs Torch-Pruning (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "torch_pruning": tp.__version__,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "models": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({result['seconds']} s)")
+    write_result(
+        args.out,
+        "inference latency: dense vs masked vs compact vs Torch-Pruning (CPU)",
+        start,
+        torch_pruning=tp.__version__,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        machine=machine_name(),
+        models=runs,
+    )
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ Usage: python benchmarks/compression_step.py [--rounds 20] [--warmup 5] [--threa
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from ensemble_speed import interleaved
+from common import interleaved, write_result
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -98,20 +96,16 @@ def main() -> None:
             f"  HOSVD {ms['hosvd']:7.2f} ms  ASI {ms['asi']:7.2f} ms  "
             f"(SVD-HOSVD/ASI {row['svd_hosvd_over_asi']}x, HOSVD/ASI {row['hosvd_over_asi']}x)"
         )
-    result = {
-        "benchmark": "one compression step: SVD-based HOSVD, Gram-based HOSVD, ASI (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "explained_var": EPS,
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(
+        args.out,
+        "one compression step: SVD-based HOSVD, Gram-based HOSVD, ASI (CPU)",
+        start,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        explained_var=EPS,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import interleaved, machine_name, write_result
 from torch import Tensor
 
 from sobre.core.measure import count_params
@@ -50,21 +48,6 @@ def fixed(ensemble: DeepEnsemble, mode: str) -> DeepEnsemble:
     copied = copy.deepcopy(ensemble)
     copied.mode = copied.resolved_mode = mode  # type: ignore[assignment]
     return copied
-
-
-def interleaved(
-    steps: dict[str, Callable[[], object]], rounds: int, warmup: int
-) -> dict[str, list[float]]:
-    """Milliseconds of every timed step, steps interleaved with a rotating first one."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(warmup + rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            if r >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def bench(key: str, rounds: int, warmup: int) -> dict:
@@ -155,21 +138,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     runs = [bench(key, args.rounds, args.warmup) for key in MODELS]
-    result = {
-        "benchmark": "Deep Ensemble: sequential member loop vs torch.func.vmap (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "batch": BATCH,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "models": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({result['seconds']} s)")
+    write_result(
+        args.out,
+        "Deep Ensemble: sequential member loop vs torch.func.vmap (CPU)",
+        start,
+        threads=args.threads,
+        batch=BATCH,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        machine=machine_name(),
+        models=runs,
+    )
 
 
 if __name__ == "__main__":

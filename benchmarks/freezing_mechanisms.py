@@ -17,7 +17,7 @@ everything in the same run:
 Saved activations are measured with :func:`sobre.core.measure.saved_activation_bytes` (unique
 storages, parameters excluded); step times (zero_grad + forward + loss + backward + SGD step) are
 medians over rounds after warm-up, every variant timed once per round with a rotating first one
-(``ensemble_speed.interleaved``); the saving is ``1 - t(variant) / t(full)`` of the medians.
+(``common.interleaved``); the saving is ``1 - t(variant) / t(full)`` of the medians.
 Writes benchmarks/results/freezing_mechanisms.json.
 
 Usage: python benchmarks/freezing_mechanisms.py [--rounds 30] [--warmup 3] [--threads 1]
@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ensemble_speed import interleaved
+from common import interleaved, write_result
 from torch import Tensor, nn
 
 from sobre.core.measure import saved_activation_bytes
@@ -130,19 +128,15 @@ def main() -> None:
             }
         )
         print(f"{name:26s} {saved / 1e6:8.2f} MB  {ms:8.1f} ms  saving {1 - ms / full_ms:+.1%}")
-    result = {
-        "benchmark": "freezing mechanisms: saved activation bytes and step time (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(
+        args.out,
+        "freezing mechanisms: saved activation bytes and step time (CPU)",
+        start,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":

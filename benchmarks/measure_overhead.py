@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import machine_name, write_result
 from torch import Tensor, nn
 
 from sobre.core.masks import attach_mask
@@ -149,21 +147,18 @@ def main() -> None:
             f"{row['median_cpu_ms']:>9.2f} {row['cpu_ratio']:>7.3f}"
         )
 
-    result = {
-        "benchmark": "resnet18 train step overhead of FeatureTap and channel masks",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "threads": args.threads,
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(
+        args.out,
+        "resnet18 train step overhead of FeatureTap and channel masks",
+        None,
+        torchvision=torchvision.__version__,
+        threads=args.threads,
+        batch=args.batch,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        machine=machine_name(),
+        results=rows,
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -55,7 +52,8 @@ from pathlib import Path
 
 import torch
 import torch_uncertainty
-from ensemble_speed import fixed, interleaved  # sibling script, on sys.path
+from common import interleaved, machine_name, write_result  # sibling scripts, on sys.path
+from ensemble_speed import fixed
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch_uncertainty.models.classification import packed_resnet
@@ -388,32 +386,28 @@ def main() -> None:
             print(f"{task:<11} {name:<48} median {r['median']:>6.3f}  min {r['min']:>6.3f}")
     print(f"max |diff| of the logits vs the reference (de4_vmap: vs sequential): {exact}")
     print(f"load average after: {[round(v, 2) for v in load_after]}")
-    result = {
-        "benchmark": "Packed-Ensembles: single vs DE-4 vs sobre and torch-uncertainty PE (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "torch_uncertainty": torch_uncertainty.__version__,
-        "threads": args.threads,
-        "model": "CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), 10 classes",
-        "input_shape": list(x.shape),
-        "dtype": "float32",
-        "members": MEMBERS,
-        "alpha": ALPHA,
-        "warmup": args.warmup,
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in load_after],
-        "seconds": round(time.perf_counter() - start, 1),
-        "setup_seconds": setup_seconds,
-        "fast_vs_reference_max_abs_diff": exact,
-        "sobre_packify_gamma2_all_inner": info_plain_g2,
-        "tasks": tasks,
-        "goal_ratios": goals,
-    }
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out} ({result['seconds']} s)")
+        write_result(
+            out,
+            "Packed-Ensembles: single vs DE-4 vs sobre and torch-uncertainty PE (CPU)",
+            start,
+            torch_uncertainty=torch_uncertainty.__version__,
+            threads=args.threads,
+            model="CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), 10 classes",
+            input_shape=list(x.shape),
+            dtype="float32",
+            members=MEMBERS,
+            alpha=ALPHA,
+            warmup=args.warmup,
+            machine=machine_name(),
+            load_average_before=[round(v, 2) for v in load_before],
+            load_average_after=[round(v, 2) for v in load_after],
+            setup_seconds=setup_seconds,
+            fast_vs_reference_max_abs_diff=exact,
+            sobre_packify_gamma2_all_inner=info_plain_g2,
+            tasks=tasks,
+            goal_ratios=goals,
+        )
 
 
 if __name__ == "__main__":

@@ -81,14 +81,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import functools
 import importlib
 import itertools
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -99,6 +96,7 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
+from common import machine_name, write_result
 from compact_speed import calibrate, tp_magnitude, zero_half  # sibling script, on sys.path
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -751,25 +749,19 @@ def main() -> None:
         for name in (args.networks if "speed" in args.sections else [])
         for r in bench(name, rounds, not args.quick)
     ]
-    result = {
-        "benchmark": "CPU inference latency: channel pruning vs depth reduction (issue 4 item 5)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "torch_pruning": tp.__version__,
-        "threads": args.threads,
-        "rounds": {"small": args.rounds, "large_224": args.rounds_large},
-        "warmup": {"small": args.warmup, "large_224": 2},
-        "machine": " ".join(
-            filter(None, (platform.machine(), platform.processor(), f"{os.cpu_count()} cores"))
-        ),
-        "loadavg_start_end": [load_start, _loadavg()],
-        "seconds": round(time.perf_counter() - start, 1),
-        "trend_models": trends,
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({result['seconds']} s)")
+    write_result(
+        args.out,
+        "CPU inference latency: channel pruning vs depth reduction (issue 4 item 5)",
+        start,
+        torch_pruning=tp.__version__,
+        threads=args.threads,
+        rounds={"small": args.rounds, "large_224": args.rounds_large},
+        warmup={"small": args.warmup, "large_224": 2},
+        machine=machine_name(cores=True),
+        loadavg_start_end=[load_start, _loadavg()],
+        trend_models=trends,
+        runs=runs,
+    )
 
 
 if __name__ == "__main__":

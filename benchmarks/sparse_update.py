@@ -53,10 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -65,6 +62,7 @@ from typing import Any
 
 import torch
 import torchvision
+from common import calibrate_bn, machine_name, write_result
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -116,19 +114,10 @@ def frozen_masks(n_channels: dict[str, int], frac: float, seed: int) -> dict[str
     return masks
 
 
-def calibrate(model: nn.Module, x: Tensor) -> nn.Module:
-    """BN running statistics from a few train-mode batches, so that folding is meaningful."""
-    with torch.no_grad():
-        model.train()
-        for i in range(3):
-            model(x + 0.1 * i)
-    return model
-
-
 def build(key: str, frac_list: tuple[float, ...], x: Tensor, fmt: torch.memory_format) -> dict:
     """Every variant of one model: model, optimizer, zeroing masks, frozen fraction, reference."""
     torch.manual_seed(0)
-    base = calibrate(MODELS[key](), x)
+    base = calibrate_bn(MODELS[key](), x)
     folded = fold_frozen_bn(base)
     variants: dict[str, dict] = {
         "full": dict(model=copy.deepcopy(base), ref="full", frac=0.0),
@@ -372,26 +361,22 @@ def main() -> None:
     load_before = os.getloadavg()
     start = time.perf_counter()
     runs = [bench(key, fractions, rounds[key], warmup, fmt, steps[key]) for key in args.models]
-    result = {
-        "benchmark": "training step with frozen channels: zeroing vs channel-sparse (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "memory_format": "contiguous" if args.contiguous else "channels_last",
-        "rounds": rounds,
-        "warmup": warmup,
-        "goal": f"time_saving (and cpu_time_saving) >= {GOAL} x counted_step_saving",
-        "load_average_before": [round(v, 2) for v in load_before],
-        "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        "cpus": os.cpu_count(),
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "seconds": round(time.perf_counter() - start, 1),
-        "models": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nload average {result['load_average_before']} -> {result['load_average_after']}")
-    print(f"wrote {args.out} ({result['seconds']} s)")
+    result = write_result(
+        args.out,
+        "training step with frozen channels: zeroing vs channel-sparse (CPU)",
+        start,
+        threads=args.threads,
+        memory_format="contiguous" if args.contiguous else "channels_last",
+        rounds=rounds,
+        warmup=warmup,
+        goal=f"time_saving (and cpu_time_saving) >= {GOAL} x counted_step_saving",
+        load_average_before=[round(v, 2) for v in load_before],
+        load_average_after=[round(v, 2) for v in os.getloadavg()],
+        cpus=os.cpu_count(),
+        machine=machine_name(),
+        models=runs,
+    )
+    print(f"load average {result['load_average_before']} -> {result['load_average_after']}")
 
 
 if __name__ == "__main__":

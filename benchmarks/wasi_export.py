@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from ensemble_speed import interleaved
+from common import interleaved, write_result
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -107,25 +105,21 @@ def main() -> None:
         )
     ratio = rows["exported"]["forward_ms"] / rows["dense"]["forward_ms"]
     print(f"exported / dense forward time: {ratio:.2f}; weight ranks {ranks}")
-    result = {
-        "benchmark": "WASI export: two-Linear inference model vs dense (CPU)",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "weight_var": args.weight_var,
-        "epochs": args.epochs,
-        "finetune_epochs": args.finetune,
-        "batch": args.batch,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "ranks": ranks,
-        "time_ratio": round(ratio, 3),
-        "seconds": round(time.perf_counter() - start, 1),
-        "models": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(
+        args.out,
+        "WASI export: two-Linear inference model vs dense (CPU)",
+        start,
+        threads=args.threads,
+        weight_var=args.weight_var,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune,
+        batch=args.batch,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        ranks=ranks,
+        time_ratio=round(ratio, 3),
+        models=rows,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("activation_memory_bench", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(SCRIPT.parent))  # the script imports its neighbour common.py
+        spec.loader.exec_module(module)
     return module
 
 
