@@ -6,9 +6,10 @@ from __future__ import annotations
 import csv
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import sobre
 from sobre.core.errors import ConfigError
@@ -16,6 +17,7 @@ from sobre.engine.recipes import normalize
 from sobre.engine.routine import ClassificationRoutine
 from sobre.engine.trainer import make_trainer
 from sobre.fairness import BiasMetrics
+from sobre.fairness.metrics import group_proportions
 
 
 def _recipe() -> dict:
@@ -77,3 +79,54 @@ def test_privacy_probe_attacks_the_trained_features(runs_dir) -> None:
     for kind in ("linear", "mlp"):
         assert 0.0 <= metrics[f"test/probe_{kind}"] <= 1.0
         assert metrics[f"test/probe_{kind}_mi"] >= 0.0
+
+
+class _FolderLike(torch.utils.data.Dataset):
+    """(x, y, b) samples with stored ``y`` / ``b`` tensors, as the bias folder datasets keep."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 8, 8, generator=gen)
+        self.y = torch.randint(0, 2, (n,), generator=gen)
+        self.b = torch.randint(0, 2, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i], self.b[i]
+
+
+class _Data(pl.LightningDataModule):
+    def __init__(self, train: torch.utils.data.Dataset) -> None:
+        super().__init__()
+        self.train_dataset, self.test_set = train, _FolderLike(32, seed=1)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=16)
+
+
+def _test_average(tmp_path, train: torch.utils.data.Dataset) -> dict[str, float]:
+    torch.manual_seed(0)
+    routine = ClassificationRoutine(arch="small_cnn", arch_kwargs={"width": 4}, num_classes=2)
+    trainer = make_trainer(
+        tmp_path, max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[BiasMetrics()]
+    )
+    return trainer.test(routine, datamodule=_Data(train), verbose=False)[0]
+
+
+def test_average_reads_the_stored_labels_of_any_training_set(tmp_path, caplog) -> None:
+    stored = Subset(_FolderLike(40, seed=2), list(range(0, 40, 3)))
+    metrics = _test_average(tmp_path, stored)
+    assert "test/average" in metrics
+    y, b = stored.dataset.y[stored.indices], stored.dataset.b[stored.indices]
+    group_acc = {k[len("test/group/") :]: v for k, v in metrics.items() if "group/" in k}
+    props = group_proportions(y, b)
+    expected = sum(p * group_acc[f"y={g[0]},b={g[1]}"] for g, p in props.items())
+    assert metrics["test/average"] == pytest.approx(expected, abs=1e-6)
+
+    unknown = _FolderLike(12, seed=3)
+    unknown.b[:4] = -1
+    with caplog.at_level("WARNING", logger="sobre.fairness.lightning"):
+        assert "test/average" not in _test_average(tmp_path, unknown)
+    assert "4 training samples have an unknown bias label" in caplog.text

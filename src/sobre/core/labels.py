@@ -75,12 +75,29 @@ def keep_classes(dataset: Dataset, classes: list[int]) -> NoisyLabels:
     return NoisyLabels(_EpochSubset(dataset, keep.tolist()), new[keep], keep[:0])
 
 
-def dataset_labels(dataset: Dataset) -> Tensor:
-    """The integer labels of a dataset yielding ``(x, y, ...)``, read without loading twice."""
-    targets = getattr(dataset, "tensors", None)
-    if targets is not None and len(targets) > 1:  # TensorDataset: no per-sample indexing
-        return targets[1].long().clone()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+_STORED = {1: ("labels", "y"), 2: ("b",)}  # per-sample label tensors datasets keep by item
+
+
+def dataset_labels(dataset: Dataset, item: int = 1) -> Tensor:
+    """The integer labels at position ``item`` of a dataset's samples (1: the class ``y`` of
+    ``(x, y, ...)``, 2: the bias label ``b`` of ``(x, y, b)``).
+
+    Read from the tensors the dataset stores where it keeps them (a ``TensorDataset``,
+    :class:`NoisyLabels`, a dataset with per-sample ``y`` / ``b`` tensors such as the bias
+    folders', ``Subset`` s of these), so no input is loaded; otherwise each sample is loaded once.
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset, item)
+        return inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    n = len(dataset)  # type: ignore[arg-type]
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None and len(tensors) > item:  # TensorDataset: no per-sample indexing
+        return tensors[item].long().clone()
+    for name in _STORED.get(item, ()):
+        stored = getattr(dataset, name, None)
+        if isinstance(stored, Tensor) and stored.ndim == 1 and len(stored) == n:
+            return stored.long().clone()
+    return torch.tensor([int(dataset[i][item]) for i in range(n)], dtype=torch.long)
 
 
 def inject_label_noise(

@@ -8,6 +8,7 @@ Imported on first use (``sobre.fairness.BiasMetrics``): the rest of the family i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,11 +18,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from sobre.core.errors import ConfigError
+from sobre.core.labels import dataset_labels
 from sobre.core.members import mean_probs, num_members
 from sobre.fairness.metrics import AlignedBias, BiasReport, group_proportions
 from sobre.fairness.probe import ProbeKind, features_of, probe_attack
 
 STAGES = ("val", "test")
+log = logging.getLogger(__name__)
 
 
 class BiasMetrics(Callback):
@@ -37,7 +40,8 @@ class BiasMetrics(Callback):
         aligned: the bias value aligned with each class (default ``b == y``), see
             :func:`sobre.fairness.metrics.aligned_accuracy`.
         groups: log each group's test accuracy (``test/group/...``, for the report heat-map).
-        average: also log ``test/average`` weighted by the training group proportions.
+        average: also log ``test/average`` weighted by the training group proportions (read
+            from the labels the training set stores, else by loading each sample once).
     """
 
     def __init__(
@@ -95,10 +99,25 @@ class BiasMetrics(Callback):
     def _train_weights(self, trainer: pl.Trainer) -> Mapping[tuple[int, int], float] | None:
         data = getattr(trainer, "datamodule", None)
         train = getattr(data, "train_dataset", None) if data is not None else None
-        tensors = getattr(train, "tensors", None)
-        if not self.average or tensors is None or len(tensors) < 3:
+        if not self.average or train is None:
             return None
-        return group_proportions(tensors[1], tensors[2])
+        try:
+            y, b = dataset_labels(train, 1), dataset_labels(train, 2)
+        except (IndexError, TypeError, ValueError) as err:
+            log.warning(
+                "BiasMetrics: no test/average: the training set's (y, b) are unreadable "
+                "(%s); give it (x, y, b) samples or set average: false",
+                err,
+            )
+            return None
+        if bool((b < 0).any()):
+            log.warning(
+                "BiasMetrics: no test/average: %d training samples have an unknown bias "
+                "label (b = -1), so the group proportions are unknown",
+                int((b < 0).sum()),
+            )
+            return None
+        return group_proportions(y, b)
 
     def _log(self, stage: str, pl_module: pl.LightningModule, report: BiasReport) -> None:
         values = {"unbiased": report.unbiased, "worst_group": report.worst_group}
