@@ -25,6 +25,7 @@ from sobre.core.measure import (
     flops,
     latency_ms,
     measure,
+    model_device,
     peak_memory_bytes,
     saved_activation_bytes,
 )
@@ -419,3 +420,11 @@ def test_table_ratio_vs_baseline() -> None:
     assert rows["latency"][2] == "0.50x"
     assert rows["depth"][2] == "0.53x"
     assert rows["peak memory"][2] == "n/a"
+
+
+def test_model_device_reads_parameters_then_buffers_then_defaults_to_the_cpu() -> None:
+    assert model_device(nn.Linear(2, 2).to(torch.float64)) == torch.device("cpu")
+    buffers_only = nn.BatchNorm1d(3, affine=False).to("meta")
+    assert model_device(buffers_only) == torch.device("meta")
+    assert model_device(nn.ReLU()) == torch.device("cpu")
+    assert model_device(nn.Sequential(nn.ReLU(), nn.Linear(2, 2).to("meta"))).type == "meta"

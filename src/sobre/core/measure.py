@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "flops",
     "latency_ms",
     "measure",
+    "model_device",
     "peak_memory_bytes",
     "saved_activation_bytes",
 ]
@@ -140,9 +142,14 @@ def _tensors(tree: Any) -> list[Tensor]:
     return [t for t in tree_leaves(tree) if isinstance(t, Tensor)]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
+    return _device(model, ())
+
+
 def _device(model: nn.Module, args: tuple[Any, ...]) -> torch.device:
     """The device of the model's first parameter or buffer, else of the first input tensor."""
-    for t in (*model.parameters(), *model.buffers(), *_tensors(args)):
+    for t in chain(model.parameters(), model.buffers(), _tensors(args)):
         return t.device
     return torch.device("cpu")
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import model_device
 from sobre.core.taps import FeatureTap, Selector
 
 __all__ = ["PROBED", "ProbeOutputs", "cosine", "noise_probe", "probe_inputs"]
@@ -190,7 +191,7 @@ class ProbeOutputs:
     def __call__(self) -> dict[str, Tensor]:
         """Module name -> ``(C, N, P)`` outputs on the probe set (eval mode, no gradients)."""
         was_training = self.model.training
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        device = model_device(self.model)
         parts: dict[str, list[Tensor]] = {name: [] for name in self.names}
         self.model.eval()
         try:

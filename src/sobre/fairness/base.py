@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import model_device
 from sobre.core.methods import (
     EpochHook,
     GradientHook,
@@ -93,11 +94,6 @@ def check_weights(owner: str, **weights: float) -> None:
             f"{owner}: {' and '.join(weights)} are non-negative weights, not all 0; got "
             f"{given}: pass e.g. {example}"
         )
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def train(

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import model_device
 from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
-from sobre.fairness.base import model_device
 from sobre.fairness.metrics import as_labels
 
 ProbeKind = Literal["linear", "mlp"]

@@ -48,10 +48,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from sobre.core.compact import channel_groups, compact
 from sobre.core.errors import ConfigError
 from sobre.core.masks import attach_mask, get_mask, sparsity
+from sobre.core.measure import model_device
 from sobre.core.methods import StepContext
 from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap
-from sobre.fairness.base import BiasRegularizer, model_device, train
+from sobre.fairness.base import BiasRegularizer, train
 from sobre.fairness.metrics import group_counts
 
 __all__ = [

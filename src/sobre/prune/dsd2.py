@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.labels import NoisyLabels, inject_label_noise
+from sobre.core.measure import model_device
 from sobre.core.methods import Regularizer, StepContext
 
 __all__ = ["DistillationLoss", "NoisyLabels", "inject_label_noise"]
@@ -80,7 +81,7 @@ class DistillationLoss(Regularizer):
             )
         x = ctx.inputs
         device = ctx.outputs.device
-        if next(teacher.parameters()).device != device:
+        if model_device(teacher) != device:
             teacher.to(device)
         with torch.no_grad():
             z_t = teacher.eval()(x)

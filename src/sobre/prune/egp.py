@@ -69,6 +69,7 @@ from torch.utils._pytree import tree_leaves
 
 from sobre.core.edits import edit_log
 from sobre.core.errors import ConfigError, SobreError
+from sobre.core.measure import model_device
 from sobre.core.registry import suggest
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, Estimator, Neuron
 from sobre.prune.imp import DEFAULT_TARGETS, MagnitudePruner, global_sparsity, target_modules
@@ -363,11 +364,6 @@ def _first_input(loader: Iterable[Any]) -> Any:
     raise SobreError("EntropyGuidedPruner.step: the loader yielded no batch")
 
 
-def _device(model: nn.Module) -> torch.device:
-    tensors = [*model.parameters(), *model.buffers()]
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
 def _fraction(value: float, arg: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ConfigError(
@@ -467,7 +463,7 @@ class EntropyGuidedPruner:
             model = uniquify_activations(model)
         example = _first_input(loader)
         if isinstance(example, Tensor):
-            example = example.to(_device(model))
+            example = example.to(model_device(model))
         live_sites = [s.name for s in find_sites(model)]
         before = _linearized(model)
         layers = list(target_modules(model, self.targets, self.exclude))

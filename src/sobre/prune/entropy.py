@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sobre.core import dist
 from sobre.core.errors import ConfigError, SobreError
+from sobre.core.measure import model_device
 from sobre.core.registry import suggest
 from sobre.core.taps import FeatureTap
 from sobre.prune.sites import Site, find_sites
@@ -285,8 +286,7 @@ class ActivationEntropy:
             raise ConfigError(f"max_batches must be >= 1 (or None), got {max_batches}")
         sites = self.resolve(model)
         if device is None:
-            tensors = [*model.parameters(), *model.buffers()]
-            device = tensors[0].device if tensors else torch.device("cpu")
+            device = model_device(model)
         counts = {s.name: _Counts() for s in sites}
         samples = batches = 0
         flags = [(m, m.training) for m in model.modules()]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import model_device
 from sobre.core.methods import Regularizer, StepContext
 from sobre.core.taps import FeatureTap
 from sobre.prune.surgery import remove_block
@@ -161,7 +162,7 @@ class LaCoOT(Regularizer):
     def setup(self, model: nn.Module) -> None:
         """Find the pairs when ``pairs="auto"`` (call before training; the engine does)."""
         if self.input_shape is not None:
-            device = next(model.parameters()).device
+            device = model_device(model)
             self._set_pairs(auto_pairs(model, torch.zeros(2, *self.input_shape, device=device)))
 
     def forward(self, ctx: StepContext) -> Tensor:
@@ -197,7 +198,7 @@ def rank_blocks(
     generator = torch.Generator().manual_seed(seed)
     training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         with FeatureTap(model, [n for p in pairs for n in p]) as tap:
             for i, batch in enumerate(loader):
@@ -287,7 +288,7 @@ class CollapseBlocks:
     def apply(self, model: nn.Module, loader: Iterable[Any]) -> nn.Module:
         first = next(iter(loader))
         example = (first[0] if isinstance(first, list | tuple) else first)[:2]
-        example = example.to(next(model.parameters()).device)
+        example = example.to(model_device(model))
         pairs = auto_pairs(model, example) if self.pairs == "auto" else self.pairs
         ranked = rank_blocks(
             model, loader, pairs, n_projections=self.n_projections, max_batches=self.max_batches

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.measure import model_device
 from sobre.core.members import num_members, split_members
 from sobre.uncertainty import metrics as M
 
@@ -93,16 +94,11 @@ class UncertaintyReport:
         return "\n".join(lines)
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[Tensor, Tensor]:
     """Per-member logits ``(N, M, K)`` and labels ``(N,)`` of ``model`` in eval mode."""
     members = num_members(model)
-    device = _device(model)
+    device = model_device(model)
     training = model.training
     model.eval()
     logits, labels = [], []
