@@ -72,7 +72,27 @@ Sparse = bool | Literal["auto"]
 _SPARSE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-class ChannelFreezing(pl.Callback):
+class _StepTimer(pl.Callback):
+    """Times each training step, batch start to batch end (wall clock; the GPU is not synced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._times.append(time.perf_counter() - self._t0)
+
+    def step_ms(self) -> dict[str, float]:
+        """``{"efficient/step_ms": median}`` over the steps since the last call (``{}``: none)."""
+        times, self._times = self._times, []
+        return {"efficient/step_ms": 1000 * statistics.median(times)} if times else {}
+
+
+class ChannelFreezing(_StepTimer):
     """Base: apply a per-epoch :class:`NeuronMask` for real and log its counted and measured cost.
 
     Subclasses implement :meth:`build` (make the plain method object, :attr:`method`, once the
@@ -99,6 +119,7 @@ class ChannelFreezing(pl.Callback):
             raise ConfigError(
                 f"measure_batch must be >= 0 (0: no measurement), got {measure_batch}"
             )
+        super().__init__()
         self.sparse = sparse
         self.measure_batch = measure_batch
         self.log_layers = log_layers
@@ -109,8 +130,6 @@ class ChannelFreezing(pl.Callback):
         self._swapped = False
         self._example: Tensor | None = None
         self._full_backward = 0
-        self._times: list[float] = []
-        self._t0 = 0.0
 
     # -- what subclasses provide -----------------------------------------------------------
     def build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,10 +188,6 @@ class ChannelFreezing(pl.Callback):
             self._swapped = True
         if self._swapped:
             drive_sparse(net, mask)
-        self._times = []
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t0 = time.perf_counter()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -184,7 +199,7 @@ class ChannelFreezing(pl.Callback):
         if self._saved is not None:
             MaskedOptimizer.restore(self._saved)
             self._saved = None
-        self._times.append(time.perf_counter() - self._t0)
+        super().on_train_batch_end(*args)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -201,9 +216,7 @@ class ChannelFreezing(pl.Callback):
 
     # -- measurement -----------------------------------------------------------------------
     def _cost_logs(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        logs: dict[str, float] = {}
-        if self._times:
-            logs["efficient/step_ms"] = 1000 * statistics.median(self._times)
+        logs = self.step_ms()
         mask = self._masked.masks if self._masked is not None else None
         if mask is not None:
             logs["efficient/trainable"] = mask.trainable_fraction()
@@ -619,7 +632,7 @@ class NeVeCallback(pl.Callback):
         self._loaded = state_dict or None
 
 
-class ActivationCompressionCallback(pl.Callback):
+class ActivationCompressionCallback(_StepTimer):
     """Memory-bounded fine-tuning in a fit: HOSVD_ε (#35), ASI (#37), WASI (#46) or LoRA.
 
     At the start of the fit BatchNorm is folded (``fold_bn``; frozen BN saves its input, spec
@@ -695,6 +708,7 @@ class ActivationCompressionCallback(pl.Callback):
             raise ConfigError(
                 f"ranks and budgets are ASI's and WASI's; method={method!r} takes none"
             )
+        super().__init__()
         self.layers, self.method, self.explained_var = layers, method, explained_var
         self.ranks, self.budget_bytes, self.budget_fraction = ranks, budget_bytes, budget_fraction
         self.weight_var, self.lora_rank, self.lora_alpha = weight_var, lora_rank, lora_alpha
@@ -702,8 +716,6 @@ class ActivationCompressionCallback(pl.Callback):
         self.fold_bn, self.mask_relus, self.measure_batch = fold_bn, mask_relus, measure_batch
         self._example: Tensor | None = None
         self._uncompressed = 0
-        self._times: list[float] = []
-        self._t0 = 0.0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -765,12 +777,6 @@ class ActivationCompressionCallback(pl.Callback):
         log.info("%s activation ranks under %d bytes: %s", self.method, budget, chosen)
         return {n: list(r) for n, r in chosen.items()}
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._times.append(time.perf_counter() - self._t0)
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._example is not None
         net = pl_module.net
@@ -780,9 +786,7 @@ class ActivationCompressionCallback(pl.Callback):
         if self._uncompressed:
             logs["efficient/uncompressed_mb"] = self._uncompressed / 1e6
             logs["efficient/compression"] = self._uncompressed / max(saved, 1)
-        if self._times:
-            logs["efficient/step_ms"] = 1000 * statistics.median(self._times)
-            self._times = []
+        logs.update(self.step_ms())
         for key, value in logs.items():
             pl_module.log(key, float(value), on_epoch=True, sync_dist=False)
 
