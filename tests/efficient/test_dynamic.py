@@ -380,7 +380,11 @@ def test_budget_below_the_smallest_unit_names_the_layer_and_the_bytes():
             {"layer_scorer": "rgm"},
             r"unknown layer scorer 'rgm'; did you mean 'rgn'.*lara, random, rgn",
         ),
-        ({"channel_sampler": "uniformly"}, r"did you mean 'uniform'.*importance, topk, static"),
+        (
+            {"channel_sampler": "uniformly"},
+            r"channel_sampler='uniformly' is unknown.*'importance', 'topk', 'static'\]; "
+            r"did you mean 'uniform'",
+        ),
         (
             {"layers": ["features.layer3.0.conv3"]},
             r"no module 'features\.layer3\.0\.conv3'; did you mean",
@@ -389,7 +393,7 @@ def test_budget_below_the_smallest_unit_names_the_layer_and_the_bytes():
         ({"layers": ["features.layer3.0.bn1"]}, r"BatchNorm2d|Identity"),
         ({"budget_fraction": 1.5}, r"budget_fraction must lie in \(0, 1\]"),
         ({"budget_bytes": 1000, "budget_fraction": 0.1}, r"exactly one of budget_bytes"),
-        ({"allocation": "global"}, r"unknown allocation 'global' \(known allocations: layer"),
+        ({"allocation": "global"}, r"allocation='global' is unknown; choose one of \['layer'"),
         ({"layers": ["classifier"], "train_fully": ["classifier"]}, r"both candidates and"),
     ],
 )

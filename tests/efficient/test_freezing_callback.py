@@ -101,7 +101,9 @@ def test_frozen_rows_do_not_move_and_costs_are_logged(tmp_path):
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ConfigError, match="sparse must be"):
+    with pytest.raises(
+        ConfigError, match=r"sparse='yes' is unknown; choose one of \[True, False, 'auto'\]"
+    ):
         HalfFrozen(sparse="yes")
     with pytest.raises(ConfigError, match="measure_batch must be >= 0"):
         HalfFrozen(measure_batch=-1)

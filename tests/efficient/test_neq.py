@@ -171,11 +171,11 @@ def test_bad_arguments_name_the_choices():
         NEq(model, probe(), eps=0.0)
     with pytest.raises(ConfigError, match="eps must be"):
         NEq(model, probe(), eps=-1e-3)
-    with pytest.raises(ConfigError, match=r"unknown criterion 'cos'.*'cosine', 'pooled'"):
+    with pytest.raises(ConfigError, match=r"criterion='cos' is unknown.*\['cosine', 'pooled'\]"):
         NEq(model, probe(), criterion="cos")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"unknown velocity_rule 'repo'.*'paper', 'code'"):
+    with pytest.raises(ConfigError, match=r"velocity_rule='repo' is unknown.*\['paper', 'code'\]"):
         NEq(model, probe(), velocity_rule="repo")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"unknown threshold 'auto'.*'fixed', 'learned'"):
+    with pytest.raises(ConfigError, match=r"threshold='auto' is unknown.*\['fixed', 'learned'\]"):
         NEq(model, probe(), threshold="auto")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="mu must lie in"):
         NEq(model, probe(), mu=1.0)

@@ -138,7 +138,7 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="exactly one of budget_params"):
         BudgetedNeuronSelector(model, budget_params=10, budget_fraction=0.1, scorer="random")
     with pytest.raises(
-        ConfigError, match=r"unknown scorer 'speed'.*'velocity', 'random', 'static'"
+        ConfigError, match=r"scorer='speed' is unknown.*\['velocity', 'random', 'static'\]"
     ):
         BudgetedNeuronSelector(model, budget_params=100, scorer="speed")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="needs a probe set"):

@@ -96,7 +96,10 @@ def test_neve_stops_the_fit_without_held_out_data(recipe, runs_dir):
         (lambda: NEqCallback(eps=-1.0), "eps must be"),
         (lambda: NEqCallback(per_class=0), "per_class must be"),
         (lambda: NEqCallback(velocity_rule="papers"), "velocity_rule"),
-        (lambda: NeVeCallback(probe="val"), "probe must be 'noise' or 'train'"),
+        (
+            lambda: NeVeCallback(probe="val"),
+            r"probe='val' is unknown; choose one of \['noise', 'train'\]",
+        ),
         (lambda: NeVeCallback(factor=2.0), "factor must be in"),
     ],
 )

@@ -171,7 +171,9 @@ def test_unknown_or_removed_site_errors():
     once = easier.remove(net, "features.relu1")
     with pytest.raises(ConfigError, match=r"already linear.*features\.relu2"):
         easier.remove(once, "features.relu1")
-    with pytest.raises(ConfigError, match="mode must be one of eval, train"):
+    with pytest.raises(
+        ConfigError, match=r"mode='test' is unknown; choose one of \['eval', 'train'\]"
+    ):
         Easier(mode="test")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="estimator"):
         Easier(estimator="mean")  # type: ignore[arg-type]

@@ -189,9 +189,13 @@ def test_shared_sites_need_uniquify_first():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ConfigError, match="neuron must be one of channel, unit"):
+    with pytest.raises(
+        ConfigError, match=r"neuron='layer' is unknown; choose one of \['channel', 'unit'\]"
+    ):
         ActivationEntropy(neuron="layer")
-    with pytest.raises(ConfigError, match="estimator must be one of dataset, batch_mean"):
+    with pytest.raises(
+        ConfigError, match=r"estimator='mean' is unknown; choose one of \['dataset', 'batch_mean'\]"
+    ):
         ActivationEntropy(estimator="mean")
     with pytest.raises(ConfigError, match=r"pass \['relu'\]"):
         ActivationEntropy(sites="relu")

@@ -430,7 +430,9 @@ def test_bad_configuration_errors_name_the_problem():
     attach_mask(model.features.fc2, kind="channel")
     with pytest.raises(ConfigError, match=r"'features\.fc2' has a channel mask"):
         MagnitudePruner().step(model)
-    with pytest.raises(ConfigError, match="mode must be one of"):
+    with pytest.raises(
+        ConfigError, match=r"Rewinder: mode='rewind' is unknown; choose one of \['finetune'"
+    ):
         Rewinder("rewind")
     with pytest.raises(ConfigError, match=r"capture\(model\)"):
         Rewinder("weight_rewind").apply(mlp())

@@ -283,7 +283,10 @@ def test_linear_implementations_agree():
         (lambda: PackedLinear(8, 8, alpha=2, num_members=2, gamma=2, last=True), "pass gamma=1"),
         (lambda: PackedConv2d(8, 8, 3, alpha=2, num_members=2, groups=8, gamma=2), "depthwise"),
         (lambda: PackedConv2d(4, 8, 3, alpha=2, num_members=2, groups=2, first=True), "first"),
-        (lambda: PackedLinear(8, 8, alpha=2, num_members=2, impl="sparse"), "unknown impl"),
+        (
+            lambda: PackedLinear(8, 8, alpha=2, num_members=2, impl="sparse"),
+            "impl='sparse' is unknown",
+        ),
         (lambda: PackedSelfAttention(16, 3, alpha=2, num_members=4), "num_heads=3"),
     ],
 )

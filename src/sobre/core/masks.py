@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 
 Kind = Literal["weight", "channel"]
 Target = Literal["weight", "grad"]
@@ -268,11 +269,6 @@ def _kind_of_buffer(buffer: str) -> str:
     return "channel" if buffer.endswith(_GRAD_SUFFIX["channel"]) else "weight"
 
 
-def _check_choice(value: str, arg: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{arg} must be one of {choices}, got {value!r}")
-
-
 def _prepare(mask: Tensor | None, param: Tensor, kind: str, where: str) -> Tensor:
     """A fresh mask tensor (never aliasing ``mask``) with the param's device and float dtype."""
     if kind == "channel" and param.ndim == 0:
@@ -328,8 +324,8 @@ def attach_mask(
         ConfigError: Unknown parameter, wrong mask shape, bad ``kind``/``target``, a mask of the
             other kind already attached, or a foreign parametrization already on the tensor.
     """
-    _check_choice(kind, "kind", ("weight", "channel"))
-    _check_choice(target, "target", ("weight", "grad"))
+    check_choice("kind", kind, ("weight", "channel"), "attach_mask")
+    check_choice("target", target, ("weight", "grad"), "attach_mask")
     where = f"{_type(module).__name__}.{name}"
     param = raw_param(module, name)
     values = _prepare(mask, param, kind, where)
@@ -390,7 +386,7 @@ def _attach_grad_mask(
 
 def get_mask(module: nn.Module, name: str = "weight", target: Target = "weight") -> Tensor | None:
     """The live mask on ``module.<name>`` for ``target``, or ``None`` when there is none."""
-    _check_choice(target, "target", ("weight", "grad"))
+    check_choice("target", target, ("weight", "grad"), "get_mask")
     if target == "weight":
         own = _own_mask(module, name)
         return None if own is None else own.values

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sobre.core import dist
 from sobre.core.errors import ConfigError, SobreError
-from sobre.core.registry import closest
+from sobre.core.registry import check_choice, closest
 
 Selector = str | type[nn.Module] | tuple[type[nn.Module], ...]
 """An exact dotted module name, an fnmatch glob, a module type or a tuple of module types."""
@@ -327,10 +327,8 @@ class FeatureTap:
         mode: Literal["full", "stats"] = "full",
         channel_dim: int = 1,
     ) -> None:
-        if capture not in ("output", "input"):
-            raise ConfigError(f"capture must be 'output' or 'input', got {capture!r}")
-        if mode not in ("full", "stats"):
-            raise ConfigError(f"mode must be 'full' or 'stats', got {mode!r}")
+        check_choice("capture", capture, ("output", "input"), "FeatureTap")
+        check_choice("mode", mode, ("full", "stats"), "FeatureTap")
         self.capture = capture
         self.detach = detach
         self.mode = mode

@@ -469,8 +469,7 @@ def lff_datasets(
         test_split: ``"all"`` test images, or only the bias-``"conflicting"`` (DFA's bFFHQ
             number) or ``"aligned"`` ones.
     """
-    if name not in LFF_CARDS:
-        raise ConfigError(f"unknown LfF-layout benchmark {name!r}{suggest(name, list(LFF_CARDS))}")
+    check_choice("name", name, LFF_CARDS, "lff_datasets")
     check_choice("test_split", test_split, _TEST_SPLITS)
     card, (default_pct, default_size) = LFF_CARDS[name], _LFF_DEFAULTS[name]
     folders = lff_folders(card, root, default_pct if pct is None else pct)

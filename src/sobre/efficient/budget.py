@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.core.taps import Selector
 from sobre.efficient.masks import NeuronMask
 from sobre.efficient.neq import (
@@ -38,7 +39,6 @@ from sobre.efficient.neq import (
     NEq,
     VelocityRule,
     _check_state_tensors,
-    _choice,
     _targets,
 )
 from sobre.efficient.select import (
@@ -102,7 +102,7 @@ class BudgetedNeuronSelector(MaskDriver):
         velocity_rule: VelocityRule = "paper",
         per_param: bool = True,
     ) -> None:
-        self.scorer = _choice("scorer", scorer, SCORERS)
+        self.scorer = check_choice("scorer", scorer, SCORERS, "BudgetedNeuronSelector")
         if (budget_params is None) == (budget_fraction is None):
             raise ConfigError(
                 "give exactly one of budget_params (B in parameters) and budget_fraction (B as "

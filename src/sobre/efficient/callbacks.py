@@ -113,8 +113,7 @@ class ChannelFreezing(_StepTimer):
     def __init__(
         self, *, sparse: Sparse = "auto", measure_batch: int | None = None, log_layers: bool = True
     ) -> None:
-        if sparse not in (True, False, "auto"):
-            raise ConfigError(f"sparse must be true, false or 'auto', got {sparse!r}")
+        check_choice("sparse", sparse, (True, False, "auto"), "ChannelFreezing")
         if measure_batch is not None and measure_batch < 0:
             raise ConfigError(
                 f"measure_batch must be >= 0 (0: no measurement), got {measure_batch}"
@@ -562,8 +561,7 @@ class NeVeCallback(pl.Callback):
         threshold: float = 0.0,
         min_lr: float = 0.0,
     ) -> None:
-        if probe not in ("noise", "train"):
-            raise ConfigError(f"probe must be 'noise' or 'train', got {probe!r}")
+        check_choice("probe", probe, ("noise", "train"), "NeVeCallback")
         self.probe, self.n_probe, self.mu, self.noise, self.seed = probe, n_probe, mu, noise, seed
         self.rule = dict(
             factor=factor,

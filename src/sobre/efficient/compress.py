@@ -48,7 +48,7 @@ from torch.autograd.function import FunctionCtx
 
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError, UnknownNameError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 from sobre.core.taps import FeatureTap
 
 __all__ = [
@@ -87,11 +87,7 @@ def _check(eps: float, method: str = "hosvd") -> None:
         raise ConfigError(
             f"explained variance must lie in (0, 1], got {eps}; use e.g. 0.8 (1 keeps everything)"
         )
-    if method not in METHODS:
-        raise ConfigError(
-            f"unknown compression method {method!r}{suggest(method, METHODS)}; "
-            f"choose one of {list(METHODS)}"
-        )
+    check_choice("method", method, METHODS, "activation compression")
 
 
 def explained_rank(singular_values: Tensor, eps: float) -> int:

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError, UnknownNameError
 from sobre.core.measure import SavedBytes, saved_activation_bytes
-from sobre.core.registry import Registry, suggest
+from sobre.core.registry import Registry, check_choice, suggest
 from sobre.efficient.masks import NeuronMask
 from sobre.efficient.select import (
     Budget,
@@ -212,15 +212,6 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
-def _choice(kind: str, value: str, choices: Iterable[str]) -> str:
-    known = list(choices)
-    if value not in known:
-        raise UnknownNameError(
-            f"unknown {kind} {value!r}{suggest(value, known)} (known {kind}s: {', '.join(known)})"
-        )
-    return value
-
-
 class ChannelBudget:
     """TraDy / MeDyate: train, under ``B_mem`` bytes, a per-epoch sample of input channels of the
     best-ranked layers (see the module docstring).
@@ -296,9 +287,10 @@ class ChannelBudget:
         self.scorer: LayerScorer = (
             layer_scorer if callable(layer_scorer) else SCORERS.get(layer_scorer)
         )
-        self.channel_sampler = _choice("channel sampler", channel_sampler, SAMPLERS)
-        self.allocation: Allocation = _choice("allocation", allocation, ("layer", "pooled"))  # type: ignore[assignment]
-        self.resample_mode = _choice("resample mode", resample, ("epoch", "never"))
+        owner = type(self).__name__
+        self.channel_sampler = check_choice("channel_sampler", channel_sampler, SAMPLERS, owner)
+        self.allocation = check_choice("allocation", allocation, ("layer", "pooled"), owner)
+        self.resample_mode = check_choice("resample", resample, ("epoch", "never"), owner)
         if max_layers is not None and max_layers < 1:
             raise ConfigError(f"max_layers must be >= 1 or None, got {max_layers}")
         if not 0 <= min_fraction <= 1:

@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import raw_param
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 from sobre.core.taps import Selector, resolve_modules
 
 Dim = Literal["out", "in"]
@@ -139,10 +139,8 @@ class NeuronMask(Mapping[str, Tensor]):
         norms: Mapping[str, str] | None = None,
         in_bias: InBias = "freeze",
     ) -> None:
-        if dim not in ("out", "in"):
-            raise ConfigError(f"dim must be 'out' or 'in', got {dim!r}")
-        if in_bias not in ("freeze", "train"):
-            raise ConfigError(f"in_bias must be 'freeze' or 'train', got {in_bias!r}")
+        check_choice("dim", dim, ("out", "in"), "NeuronMask")
+        check_choice("in_bias", in_bias, ("freeze", "train"), "NeuronMask")
         norms = dict(norms or {})
         if norms and dim == "in":
             raise ConfigError(

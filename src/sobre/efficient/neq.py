@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.measure import backward_flops
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice
 from sobre.core.taps import Selector, resolve_modules
 from sobre.efficient.masks import LAYERS, NORMS, MaskedOptimizer, NeuronMask
 from sobre.efficient.probe import PROBED, ProbeOutputs, cosine, probe_inputs
@@ -73,17 +73,6 @@ CRITERIA: tuple[str, ...] = ("cosine", "pooled")
 over positions first, then one cosine over the probe samples (the code's ``per-sample`` mode)."""
 VELOCITY_RULES: tuple[str, ...] = ("paper", "code")
 THRESHOLDS: tuple[str, ...] = ("fixed", "learned")
-S = TypeVar("S", bound=str)
-
-
-def _choice(what: str, value: S, choices: Sequence[str]) -> S:
-    """``value`` if it is one of ``choices``, else a ConfigError listing them."""
-    if value not in choices:
-        raise ConfigError(
-            f"unknown {what} {value!r}{suggest(str(value), list(choices))}; choose one of "
-            f"{', '.join(repr(c) for c in choices)}"
-        )
-    return value
 
 
 # --------------------------------------------------------------------------- the equations
@@ -320,9 +309,10 @@ class NEq(MaskDriver):
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{what} must be a finite number > 0, got {value}")
-        self.criterion = _choice("criterion", criterion, CRITERIA)
-        self.velocity_rule = _choice("velocity_rule", velocity_rule, VELOCITY_RULES)
-        self.threshold = _choice("threshold", threshold, THRESHOLDS)
+        owner = type(self).__name__
+        self.criterion = check_choice("criterion", criterion, CRITERIA, owner)
+        self.velocity_rule = check_choice("velocity_rule", velocity_rule, VELOCITY_RULES, owner)
+        self.threshold = check_choice("threshold", threshold, THRESHOLDS, owner)
         self.model = model
         self.eps, self.mu, self.warmup = eps, mu, warmup
         self.tau_lr, self.temperature, self.tradeoff = tau_lr, temperature, tradeoff

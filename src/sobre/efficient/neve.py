@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice
 from sobre.core.taps import Selector
 from sobre.efficient.probe import ProbeOutputs, cosine, noise_probe, probe_inputs
 
@@ -174,10 +174,7 @@ class NeuralVelocity:
             raise ConfigError(f"n_probe must be >= 1 probe samples, got {n_probe} (NeVe: 100)")
         if not 0.0 <= mu < 1.0:
             raise ConfigError(f"mu must be in [0, 1) for the velocity to settle, got {mu} (0.5)")
-        if noise not in _NOISE:
-            raise ConfigError(
-                f"noise must be 'uniform' or 'gaussian', got {noise!r}{suggest(str(noise), _NOISE)}"
-            )
+        check_choice("noise", noise, _NOISE, "NeuralVelocity")
         if isinstance(probe, str):
             if probe != "noise":
                 raise ConfigError(

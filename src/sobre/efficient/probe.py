@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.measure import model_device
+from sobre.core.registry import check_choice
 from sobre.core.taps import FeatureTap, Selector
 
 __all__ = ["PROBED", "ProbeOutputs", "cosine", "noise_probe", "probe_inputs"]
@@ -109,8 +110,7 @@ def noise_probe(
     ``"uniform"`` draws from [0, 1); ``"gaussian"`` draws N(0.5, 0.25²) clipped to [0, 1] (NeVe's
     code casts raw Gaussian floats to image bytes, which wraps negative values around; we clip).
     """
-    if kind not in ("uniform", "gaussian"):
-        raise ConfigError(f"kind must be 'uniform' or 'gaussian', got {kind!r}")
+    check_choice("kind", kind, ("uniform", "gaussian"), "noise_probe")
     if n < 1 or batch_size < 1:
         raise ConfigError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     g = torch.Generator().manual_seed(seed)

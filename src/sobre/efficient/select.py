@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sobre.core.errors import ConfigError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 
 Unit = Literal["params", "bytes"]
 Fill = Literal["stop", "skip"]
@@ -68,8 +68,7 @@ class Budget:
     def __init__(
         self, limit: float, cost: Mapping[str, Tensor | Sequence[int]], unit: Unit = "params"
     ) -> None:
-        if unit not in ("params", "bytes"):
-            raise ConfigError(f"unit must be 'params' or 'bytes', got {unit!r}")
+        check_choice("unit", unit, ("params", "bytes"), "Budget")
         if not math.isfinite(limit) or limit < 0:
             raise ConfigError(f"budget limit must be a finite number >= 0, got {limit!r}")
         self.limit = limit
@@ -132,8 +131,7 @@ class _GreedySelector:
     """Ranks every scored channel, then fills the budget in rank order (see the module doc)."""
 
     def __init__(self, *, fill: Fill = "stop") -> None:
-        if fill not in ("stop", "skip"):
-            raise ConfigError(f"fill must be 'stop' or 'skip', got {fill!r}")
+        check_choice("fill", fill, ("stop", "skip"), type(self).__name__)
         self.fill: Fill = fill
 
     def _rank(

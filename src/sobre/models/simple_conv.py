@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.models.registry import MODELS
 
 WIDTHS = (16, 32, 64, 128)
@@ -65,10 +66,7 @@ class SimpleConvNet(nn.Module):
             raise ConfigError(
                 f"kernel_size must be odd and positive, got {kernel_size}; use 3 or 7"
             )
-        if last_activation not in ("relu", "tanh"):
-            raise ConfigError(
-                f"last_activation={last_activation!r} is unknown: use 'relu' or 'tanh'"
-            )
+        check_choice("last_activation", last_activation, ("relu", "tanh"), "SimpleConvNet")
         bad = [b for b in pool_after if b not in (1, 2, 3, 4)]
         if bad:
             raise ConfigError(f"pool_after names blocks {bad}; the blocks are 1, 2, 3 and 4")

@@ -40,6 +40,7 @@ from torch import nn
 
 from sobre.core.edits import edit_log
 from sobre.core.errors import ConfigError
+from sobre.core.registry import check_choice
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, Estimator, Neuron
 from sobre.prune.sites import find_sites
 from sobre.prune.surgery import ChannelGate, get_module, replace_activation
@@ -105,8 +106,7 @@ class Easier:
         checked = ActivationEntropy(sites, neuron, estimator)  # validates the three
         if max_batches is not None and max_batches < 1:
             raise ConfigError(f"max_batches must be >= 1 (or None), got {max_batches}")
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        check_choice("mode", mode, MODES, "Easier")
         self.sites = checked.sites
         self.neuron = neuron
         self.estimator = estimator

@@ -70,7 +70,7 @@ from torch.utils._pytree import tree_leaves
 from sobre.core.edits import edit_log
 from sobre.core.errors import ConfigError, SobreError
 from sobre.core.measure import model_device
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice
 from sobre.prune.entropy import ActivationEntropy, EntropyReport, Estimator, Neuron
 from sobre.prune.imp import DEFAULT_TARGETS, MagnitudePruner, global_sparsity, target_modules
 from sobre.prune.sites import find_sites, uniquify_activations
@@ -412,11 +412,7 @@ class EntropyGuidedPruner:
             if bad or (low is not None and value <= low) or (low is None and value < 0):
                 need = "> 0" if low is not None else ">= 0"
                 raise ConfigError(f"{arg} must be a number {need}, got {value!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(
-                f"variant must be one of {VARIANTS}, got {variant!r}"
-                f"{suggest(str(variant), VARIANTS)}"
-            )
+        check_choice("variant", variant, VARIANTS, "EntropyGuidedPruner")
         if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
             raise ConfigError(f"max_batches must be an integer >= 1 (or None), got {max_batches!r}")
         # Both check their arguments on construction: bad ones fail before the first round.

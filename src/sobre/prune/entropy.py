@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sobre.core import dist
 from sobre.core.errors import ConfigError, SobreError
 from sobre.core.measure import model_device
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 from sobre.core.taps import FeatureTap
 from sobre.prune.sites import Site, find_sites
 
@@ -185,12 +185,8 @@ class ActivationEntropy:
         estimator: Estimator = "dataset",
         channel_dim: int | None = None,
     ) -> None:
-        if neuron not in NEURONS:
-            raise ConfigError(f"neuron must be one of {', '.join(NEURONS)}; got {neuron!r}")
-        if estimator not in ESTIMATORS:
-            raise ConfigError(
-                f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}"
-            )
+        check_choice("neuron", neuron, NEURONS, "ActivationEntropy")
+        check_choice("estimator", estimator, ESTIMATORS, "ActivationEntropy")
         if isinstance(sites, str):
             if sites != "auto":
                 raise ConfigError(

@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from sobre.core.errors import ConfigError
 from sobre.core.masks import attach_mask, get_mask, iter_masks
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice, suggest
 from sobre.core.weights import fresh_weights
 
 _log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ REWIND_MODES: tuple[str, ...] = ("finetune", "lr_rewind", "weight_rewind", "rein
 DEFAULT_TARGETS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 _ORIGINAL = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
-
-
-def _choice(value: str, arg: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"{arg} must be one of {choices}, got {value!r}{suggest(str(value), choices)}"
-        )
 
 
 def _check_targets(targets: tuple[type[nn.Module], ...]) -> tuple[type[nn.Module], ...]:
@@ -289,7 +282,7 @@ class MagnitudePruner:
                 f"amount must be a fraction in (0, 1) of the live weights (e.g. 0.2), "
                 f"got {amount!r}"
             )
-        _choice(scope, "scope", SCOPES)
+        check_choice("scope", scope, SCOPES, "MagnitudePruner")
         if score is not None and not callable(score):
             raise ConfigError(f"score must be a callable (name, weight) -> Tensor, got {score!r}")
         self.amount = float(amount)
@@ -414,8 +407,7 @@ class Rewinder:
     """
 
     def __init__(self, mode: RewindMode = "lr_rewind", seed: int = 0) -> None:
-        _choice(mode, "mode", REWIND_MODES)
-        self.mode = mode
+        self.mode = check_choice("mode", mode, REWIND_MODES, "Rewinder")
         self.seed = int(seed)
         self._captured: dict[str, Tensor] | None = None
 

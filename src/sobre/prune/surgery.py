@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_leaves
 from sobre.core.compact import get_module
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice
 from sobre.core.weights import bn_scale_shift
 
 log = logging.getLogger(__name__)
@@ -224,11 +224,7 @@ def replace_activation(model: nn.Module, site: str, kind: str = "identity") -> n
             several places.
         UnknownNameError: no module ``site`` (closest names listed).
     """
-    if kind not in ACTIVATION_KINDS:
-        raise ConfigError(
-            f"activation kind {kind!r} is not supported{suggest(kind, list(ACTIVATION_KINDS))}; "
-            f"use one of {sorted(ACTIVATION_KINDS)}"
-        )
+    check_choice("kind", kind, ACTIVATION_KINDS, "replace_activation")
     current = get_module(model, site)
     if not isinstance(current, (*_ACTIVATIONS, nn.Identity, ChannelGate)):
         raise ConfigError(

@@ -41,6 +41,7 @@ from torch.func import functional_call, vmap
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
 from sobre.core.members import member_targets
+from sobre.core.registry import check_choice
 from sobre.core.weights import fresh_weights
 
 __all__ = ["DeepEnsemble", "Ensemble", "EnsembleLoss", "make_ensemble"]
@@ -107,8 +108,7 @@ class DeepEnsemble(nn.Module):
 
     def __init__(self, models: Sequence[nn.Module], mode: Mode = "auto") -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ConfigError(f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}")
+        check_choice("mode", mode, MODES, "DeepEnsemble")
         models = list(models)
         _check_members(models)
         self.members = nn.ModuleList(models)

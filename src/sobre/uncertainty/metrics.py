@@ -32,7 +32,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from sobre.core.errors import ConfigError
-from sobre.core.registry import suggest
+from sobre.core.registry import check_choice
 
 __all__ = [
     "ECE",
@@ -74,15 +74,6 @@ SPLIT_HINT = (
 
 
 # --------------------------------------------------------------------------- input checks
-
-
-def _choice(value: object, choices: tuple[str, ...], arg: str, fn: str) -> str:
-    if not isinstance(value, str) or value not in choices:
-        hint = suggest(value, choices) if isinstance(value, str) else ""
-        raise ConfigError(
-            f"{fn}: {arg} must be one of {', '.join(map(repr, choices))}, got {value!r}{hint}"
-        )
-    return value
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -202,7 +193,8 @@ def _check_scores(scores: object, arg: str, fn: str) -> Tensor:
 
 
 def _reduce(values: Tensor, reduction: str, fn: str) -> Tensor:
-    return values.mean() if _choice(reduction, REDUCTIONS, "reduction", fn) == "mean" else values
+    check_choice("reduction", reduction, REDUCTIONS, fn)
+    return values.mean() if reduction == "mean" else values
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -385,7 +377,7 @@ def ece(
     Differs from torchmetrics / torch-uncertainty only when some confidence equals exactly 1:
     they put those samples in an extra bin of their own, here they join the last bin.
     """
-    _choice(norm, NORMS, "norm", "ece")
+    check_choice("norm", norm, NORMS, "ece")
     return _calibration_error(_reliability(probs, labels, n_bins, adaptive, "ece"), norm)
 
 
@@ -449,7 +441,7 @@ def ood_scores(probs_or_logits: Tensor, criterion: Criterion = "msp") -> Tensor:
     the expected member entropy (1/M) Σ_m H(p_m).
     """
     criteria = PROB_CRITERIA + LOGIT_CRITERIA
-    _choice(criterion, criteria, "criterion", "ood_scores")
+    check_choice("criterion", criterion, criteria, "ood_scores")
     if criterion in LOGIT_CRITERIA:
         mean_logits = _check_logits(probs_or_logits, criterion).mean(1)
         if criterion == "maxlogit":
@@ -507,7 +499,7 @@ def _id_ood(
     """Concatenated scores, OOD flags and the result dtype, after checking both score sets."""
     _check_scores(id_scores, "id_scores", fn)
     _check_scores(ood_scores, "ood_scores", fn)
-    _choice(positive, POSITIVES, "positive", fn)
+    check_choice("positive", positive, POSITIVES, fn)
     scores = torch.cat([id_scores.double(), ood_scores.double().to(id_scores.device)])
     is_ood = torch.arange(scores.numel(), device=scores.device) >= id_scores.numel()
     dtype = id_scores.dtype if id_scores.is_floating_point() else torch.get_default_dtype()
@@ -708,7 +700,7 @@ class ECE(_TopLabelBins):
         self, n_bins: int = 15, norm: Norm = "l1", adaptive: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(n_bins=n_bins, adaptive=adaptive, **kwargs)
-        self.norm = _choice(norm, NORMS, "norm", "ECE")
+        self.norm = check_choice("norm", norm, NORMS, "ECE")
 
     @property
     def key(self) -> str:
@@ -731,7 +723,7 @@ class OODMetrics(Metric):
 
     def __init__(self, positive: Positive = "id", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.positive = _choice(positive, POSITIVES, "positive", "OODMetrics")
+        self.positive = check_choice("positive", positive, POSITIVES, "OODMetrics")
         self.add_state("scores", [], dist_reduce_fx="cat")
         self.add_state("is_ood", [], dist_reduce_fx="cat")
 

@@ -48,6 +48,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
 from sobre.core.members import split_members
+from sobre.core.registry import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         _check_hparams(alpha, num_members, gamma)
         name = type(self).__name__
-        if impl not in LINEAR_IMPLS:
-            raise ConfigError(f"{name}: unknown impl {impl!r}; use one of {LINEAR_IMPLS}")
+        check_choice("impl", impl, LINEAR_IMPLS, name)
         if gamma != 1 and (first or last):
             raise ConfigError(
                 f"{name}: gamma={gamma} with first={first}, last={last}: the first layer is dense "
