@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gc
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,12 +53,6 @@ def test_rank_zero_only_runs_on_rank_zero() -> None:
     assert record(3) == 6
     assert calls == [3]
     assert record.__doc__ == "Docstring kept."
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _batch(rank: int) -> torch.Tensor:
@@ -121,11 +113,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_gloo_processes_agree(tmp_path: Path) -> None:
-    mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def test_two_gloo_processes_agree(gloo_ranks) -> None:
+    res = gloo_ranks(_worker)
     for r, out in enumerate(res):
         assert out["info"].tolist() == [1.0, 2.0, float(r), float(r == 0)]
         torch.testing.assert_close(out["sum"], torch.tensor([3.0, 6.0]))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gc
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -116,16 +114,9 @@ def _dro_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_distributed_groupdro_equals_the_full_batch(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    mp.start_processes(
-        _dro_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
+def test_distributed_groupdro_equals_the_full_batch(gloo_ranks) -> None:
     single = _dro_step(*_full_batch())
-    for r in range(2):
-        out = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+    for out in gloo_ranks(_dro_worker):
         torch.testing.assert_close(out["q"], single["q"])
         torch.testing.assert_close(out["grad"], single["grad"])
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -189,14 +187,8 @@ def _irene_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_ranks_keep_one_head_equal_to_the_full_batch_head(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        _irene_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
-    heads = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_two_ranks_keep_one_head_equal_to_the_full_batch_head(gloo_ranks) -> None:
+    heads = gloo_ranks(_irene_worker)
     full = _head_after_steps(*_batch(n=16))
     alone = _head_after_steps(*(t[:8] for t in _batch(n=16)))
     for key, value in full.items():

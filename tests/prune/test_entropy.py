@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -164,14 +162,8 @@ def _entropy_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_ranks_decide_on_the_pooled_counts(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(
-        _entropy_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_two_ranks_decide_on_the_pooled_counts(gloo_ranks):
+    ranks = gloo_ranks(_entropy_worker)
     pooled = ActivationEntropy().compute(_probe(), _rank_data(0) + _rank_data(1))
     for out in ranks:
         assert out["n"] == 14
