@@ -1,5 +1,5 @@
-"""Every fairness recipe is valid; the GPU-scale ones ask for their local dataset; the CPU ones
-run end to end, shortened to 2 epochs (slow)."""
+"""The CPU fairness recipes run end to end, shortened to 2 epochs (slow). Validity and the
+local-data check of every recipe: tests/engine/test_recipe_files.py."""
 
 from __future__ import annotations
 
@@ -9,26 +9,10 @@ import pytest
 import yaml
 
 import sobre
-from sobre.core.errors import DataNotFoundError
-from sobre.engine.recipes import load_yaml, normalize
+from sobre.engine.recipes import load_yaml
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "fairness").glob("*.yaml"))
 CPU = [p for p in RECIPES if "cpu_minutes" in load_yaml(p).get("meta", {})]
-GPU = [p for p in RECIPES if p not in CPU]
-
-
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_is_valid(path):
-    recipe = normalize(load_yaml(path))
-    meta = recipe["meta"]
-    assert meta["description"] and meta["paper"] and meta["expected"]
-    assert "cpu_minutes" in meta or "gpu_minutes" in meta
-
-
-@pytest.mark.parametrize("path", GPU, ids=[p.stem for p in GPU])
-def test_gpu_recipes_ask_for_local_data(path, tmp_path, runs_dir):
-    with pytest.raises(DataNotFoundError):
-        sobre.fit(path, overrides={"data.root": str(tmp_path / "missing")})
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Every uncertainty recipe is valid; the CPU ones run end to end at one epoch (slow), the
-GPU-scale ones ask for their local dataset instead of downloading it."""
+"""The CPU uncertainty recipes run end to end at one epoch (slow). Validity and the local-data
+check of every recipe: tests/engine/test_recipe_files.py."""
 
 from __future__ import annotations
 
@@ -9,24 +9,10 @@ import pytest
 import yaml
 
 import sobre
-from sobre.core.errors import DataNotFoundError
-from sobre.engine.recipes import load_yaml, normalize
+from sobre.engine.recipes import load_yaml
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "uncertainty").glob("*.yaml"))
 CPU = [p for p in RECIPES if load_yaml(p)["data"]["name"] == "mnist5k"]
-GPU = [p for p in RECIPES if p not in CPU]
-
-
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_is_valid(path):
-    recipe = normalize(load_yaml(path))
-    assert recipe["meta"]["paper"] and recipe["meta"]["expected"]
-
-
-@pytest.mark.parametrize("path", GPU, ids=[p.stem for p in GPU])
-def test_gpu_recipes_ask_for_local_data(path, tmp_path, runs_dir):
-    with pytest.raises(DataNotFoundError, match="download"):
-        sobre.fit(path, overrides={"data.root": str(tmp_path / "missing")})
 
 
 @pytest.mark.slow
