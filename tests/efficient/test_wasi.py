@@ -14,6 +14,7 @@ from test_compress import gradients, relative, smooth
 from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError, UnknownNameError
+from sobre.core.masks import attach_mask
 from sobre.core.measure import flops, saved_activation_bytes
 from sobre.efficient.wasi import WASILinear, export_wasi, unwasi, wasi
 from sobre.models import create
@@ -252,3 +253,30 @@ def test_bad_input_names_the_fix() -> None:
     with pytest.raises(ConfigError, match="last:2"):
         wasi(model, layers="last:0", activation_ranks=2)
     assert not any(isinstance(m, WASILinear) for m in model.modules())  # left unchanged
+
+
+def test_forwards_before_one_backward_share_the_subspace_until_the_weight_steps() -> None:
+    torch.manual_seed(0)
+    wl = swapped(low_rank_linear(16, 8, 4), 0.8, 3)
+    apart = copy.deepcopy(wl)
+    x1, x2 = torch.randn(5, 16), torch.randn(5, 16)
+    (wl(x1).square().sum() + wl(x2).square().sum()).backward()  # a siamese loss
+    apart(x1).square().sum().backward()
+    apart(x2).square().sum().backward()
+    torch.testing.assert_close(wl.weight.grad, apart.weight.grad)  # same L, R for both
+    opt = torch.optim.SGD(wl.parameters(), lr=0.5)
+    left = wl.left.clone()
+    opt.step()
+    wl(x1)
+    q = torch.linalg.qr(wl.weight @ (wl.weight.t() @ left)).Q
+    torch.testing.assert_close(wl.left, q.detach())  # the step moved W: one iteration
+
+
+def test_a_masked_weight_still_drives_the_power_iteration() -> None:
+    wl = swapped(low_rank_linear(16, 8, 4), 0.8, 3)
+    attach_mask(wl, kind="weight")
+    left = wl.left.clone()
+    with torch.no_grad():
+        wl.parametrizations.weight.original.add_(0.1)
+    wl(torch.randn(5, 16))
+    assert not torch.equal(wl.left, left)

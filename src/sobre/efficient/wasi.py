@@ -6,7 +6,8 @@ activations to the weights of every ``nn.Linear``:
 - Swap time: a truncated SVD of ``W`` (out x in) keeps the explained variance ``weight_var``
   (:func:`~sobre.efficient.compress.explained_rank`), rank ``k`` fixed from then on:
   ``L = U_k`` (out x k), ``R = Σ_k V_kᵀ`` (k x in), buffers ``left`` and ``right``.
-- Every training forward first runs one subspace iteration on the dense ``W``:
+- Every training forward after a change of ``W`` (an optimizer step) first runs one subspace
+  iteration on the dense ``W``:
   ``q = Wᵀ L_prev``, ``L = QR(W q).Q``, ``R = Lᵀ W`` (so ``L R`` is ``W`` projected on the tracked
   rank-k column space), then ``y = (x Rᵀ) Lᵀ + b``. Backward: ``∂L/∂x = (g L) R``; ``∂L/∂W`` is
   dense, from ``g`` and the input's ASI Tucker factors (:class:`~sobre.efficient.compress.ASIState`
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
+from torch.nn.utils.parametrize import is_parametrized
 
 from sobre.core.edits import structural_edit
 from sobre.core.errors import ConfigError
@@ -128,6 +130,12 @@ class WASILinear(nn.Linear):
         self.register_buffer("right", (s[:k, None] * vh[:k]).to(like).contiguous())
         self.weight_var, self.activation_ranks = float(weight_var), activation_ranks
         self.asi_state = ASIState(2)
+        self._tracked = self._weight_version()
+
+    def _weight_version(self) -> int:
+        """The version counter of the stored ``W`` (a mask's ``original`` when parametrized)."""
+        stored = self.parametrizations.weight.original if is_parametrized(self, "weight") else None
+        return (self.weight if stored is None else stored)._version
 
     @property
     def rank(self) -> int:
@@ -144,16 +152,18 @@ class WASILinear(nn.Linear):
         self.right.copy_(left.t() @ w)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Training (grad enabled): power iteration (train mode only), then the compressed
-        low-rank linear; no grad: ``L (R x) + b``.
+        """Training (grad enabled): a power iteration if ``W`` changed since the last one (train
+        mode only), then the compressed low-rank linear; no grad: ``L (R x) + b``.
 
-        The saved ``L``, ``R`` are the buffers themselves: two training forwards before one
-        backward make autograd raise its in-place modification error.
+        The graph saves the ``L``, ``R`` buffers themselves; since ``W`` cannot change between a
+        forward and its backward, several forwards before one backward (a siamese loss) share
+        them instead of overwriting them.
         """
         if not torch.is_grad_enabled():
             return F.linear(F.linear(x, self.right), self.left, self.bias)
-        if self.training:
+        if self.training and self._weight_version() != self._tracked:
             self.power_iteration()
+            self._tracked = self._weight_version()
         return _WASIFn.apply(x, self.weight, self.bias, self.left, self.right, self)
 
     def export(self) -> nn.Sequential:
