@@ -8,6 +8,7 @@ fold uses (pruning's ``fold_linear``, efficient training's ``fold_frozen_bn``).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 
 import torch
@@ -18,36 +19,57 @@ from sobre.core.masks import remove_masks
 log = logging.getLogger(__name__)
 
 
+def _takes_no_arguments(fn: object) -> bool:
+    if not callable(fn):
+        return False
+    params = inspect.signature(fn).parameters.values()
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
 def fresh_weights(model: nn.Module, seed: int) -> dict[str, Tensor]:
     """New values of the parameters and persistent buffers of ``model``, by plain name.
 
-    Every module with a ``reset_parameters()`` re-draws its own tensors (in ``named_modules``
-    order) under ``torch.manual_seed(seed)``, on a CPU copy without masks, leaving the global RNG
-    and ``model`` untouched: the same seed always gives the same values, on any device.
-    Model-level init schemes (e.g. torchvision's Kaiming fan-out) are not reproduced; tensors of
-    modules without ``reset_parameters`` are absent from the result (a warning names them).
+    On a CPU copy without masks, under ``torch.manual_seed(seed)``: every module with a
+    ``reset_parameters()`` re-draws its own tensors (in ``named_modules`` order), then every
+    module with an ``init_weights()`` re-applies its own scheme to its subtree, innermost first
+    as its constructor did (sobre's models, timm's), so the new values follow the model's init
+    distribution. The global RNG and ``model`` are left untouched and the same seed always gives
+    the same values, on any device. Schemes a constructor applies without such a method
+    (torchvision's Kaiming fan-out) are not reproduced; tensors neither re-drawn nor under a
+    scheme are absent from the result (a warning names the parameters among them).
     """
-    persistent = set(remove_masks(copy.deepcopy(model)).state_dict())
-    values: dict[str, Tensor] = {}
+    fresh = remove_masks(copy.deepcopy(model)).cpu()
+    persistent = set(fresh.state_dict())
+    covered: set[str] = set()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        for name, module in model.named_modules():
-            if not callable(getattr(module, "reset_parameters", None)):
-                continue
-            fresh = remove_masks(copy.deepcopy(module)).cpu()
-            fresh.reset_parameters()  # type: ignore[operator]
+        for name, module in fresh.named_modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()  # type: ignore[operator]
+                prefix = f"{name}." if name else ""
+                own = (
+                    *module.named_parameters(recurse=False),
+                    *module.named_buffers(recurse=False),
+                )
+                covered.update(prefix + key for key, _ in own)
+        schemes = [
+            (name, m)
+            for name, m in fresh.named_modules()
+            if _takes_no_arguments(getattr(m, "init_weights", None))
+        ]
+        for name, module in reversed(schemes):
+            module.init_weights()  # type: ignore[operator]
             prefix = f"{name}." if name else ""
-            for key, value in (
-                *fresh.named_parameters(recurse=False),
-                *fresh.named_buffers(recurse=False),
-            ):
-                if prefix + key in persistent:  # non-persistent buffers are not weights
-                    values[prefix + key] = value.detach().clone()
-    params = {n for n, _ in remove_masks(copy.deepcopy(model)).named_parameters()}
-    kept = sorted(params - set(values))
+            covered.update(prefix + key for key in module.state_dict())
+    state = fresh.state_dict()
+    values = {k: state[k].detach().clone() for k in sorted(covered & persistent)}
+    kept = sorted({n for n, _ in fresh.named_parameters()} - set(values))
     if kept:
         log.warning(
-            "fresh_weights: %d parameters have no reset_parameters and keep their values: %s",
+            "fresh_weights: %d parameters have no reset_parameters or init_weights and keep "
+            "their values: %s",
             len(kept),
             kept[:5],
         )

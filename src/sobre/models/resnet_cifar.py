@@ -86,6 +86,11 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c3, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The model's init scheme: Kaiming fan-out normal convs (the rest: PyTorch defaults);
+        :func:`~sobre.core.weights.fresh_weights` re-applies it."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

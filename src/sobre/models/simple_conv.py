@@ -87,6 +87,11 @@ class SimpleConvNet(nn.Module):
         self.embedding = L2Normalize(normalize)
         self.fc = nn.Linear(WIDTHS[-1], num_classes)
         self.detach_head = detach_head
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The model's init scheme: Kaiming fan-out normal convs, unit-scale zero-shift BN;
+        :func:`~sobre.core.weights.fresh_weights` re-applies it."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

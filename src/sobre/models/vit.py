@@ -108,6 +108,11 @@ class ViTTiny28(nn.Module):
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The model's init scheme: truncated-normal (std 0.02) tokens and Linear weights, zero
+        Linear biases; :func:`~sobre.core.weights.fresh_weights` re-applies it."""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for module in self.modules():

@@ -391,12 +391,12 @@ class Rewinder:
     - ``"weight_rewind"``: set every parameter and buffer (BN statistics included) back to the
       values stored by :meth:`capture` (the weights of epoch ``k``; ``k = 0`` is the lottery-ticket
       rewind to initialisation, Frankle & Carbin, 2019) and restart the schedule. Returns ``True``.
-    - ``"reinit"``: re-draw every module's own parameters and buffers with its
-      ``reset_parameters()`` under ``torch.manual_seed(seed)`` (Liu et al., 2019), on the CPU so
-      the values do not depend on the device, without touching the global RNG. Model-level init
-      schemes (e.g. torchvision's Kaiming fan-out) are not reproduced; parameters of modules with
-      no ``reset_parameters`` keep their values (logged). Every call draws the same values.
-      Returns ``True``.
+    - ``"reinit"``: re-draw the parameters and buffers under ``torch.manual_seed(seed)``
+      (Liu et al., 2019) with :func:`~sobre.core.weights.fresh_weights`: each module's
+      ``reset_parameters()``, then the model's own ``init_weights()`` scheme where it has one
+      (sobre's and timm's models), on the CPU so the values do not depend on the device,
+      without touching the global RNG. Parameters under neither keep their values (logged).
+      Every call draws the same values. Returns ``True``.
 
     What is rewound is the unmasked ``original`` tensor behind each mask: masked weights stay
     zero in the effective weights whatever the stored values are.
@@ -480,8 +480,8 @@ class Rewinder:
 class Reinitialize:
     """Stage transform: fresh weights (masks kept), e.g. the DSD² student that starts anew.
 
-    Draws them as :class:`Rewinder`'s ``"reinit"`` mode does (each module's
-    ``reset_parameters()`` under ``seed``).
+    Draws them as :class:`Rewinder`'s ``"reinit"`` mode does
+    (:func:`~sobre.core.weights.fresh_weights` under ``seed``: the model's own init).
 
     Args:
         seed: seed of the new weights.
