@@ -11,7 +11,7 @@
 - ``edits``: atomic, recorded structure edits, replayed when a checkpoint is loaded.
 - ``compact``: zeroed channels become smaller dense layers (Torch-Pruning imported lazily);
   shared by pruning and the fairness sub-network methods.
-- ``weights``: ``fresh_weights(model, seed)``, what each module's own init draws.
+- ``weights``: ``fresh_weights(model, seed)``, what each module's and the model's own init draw.
 - ``registry``/``errors``: named registries with "did you mean" errors.
 """
 
