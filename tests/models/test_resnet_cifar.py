@@ -69,3 +69,27 @@ def test_relus_are_one_module_per_site() -> None:
 def test_bad_depth_is_refused(depth: int) -> None:
     with pytest.raises(ConfigError, match="6n \\+ 2"):
         CifarResNet(depth=depth)
+
+
+def test_cifar_stem_resnet18_keeps_the_full_resolution_in_layer1() -> None:
+    model = create("resnet18_cifar")
+    assert count(model) == 11_173_962  # the CIFAR ResNet-18 count (torchvision's is 11,181,642)
+    assert count(model) == count(create("resnet18")) - 64 * 3 * (49 - 9)
+    seen: list[torch.Size] = []
+    model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert seen == [(2, 64, 32, 32)]  # the ImageNet stem gives 8x8 here
+
+
+@pytest.mark.parametrize(
+    ("name", "in_channels", "classes"),
+    [("resnet18_cifar", 1, 10), ("resnet34_cifar", 3, 100), ("resnet50_cifar", 3, 100)],
+)
+def test_cifar_stem_variants_shapes_and_init(name: str, in_channels: int, classes: int) -> None:
+    torch.manual_seed(0)
+    model = create(name, num_classes=classes, in_channels=in_channels)
+    assert model(torch.randn(2, in_channels, 28, 28)).shape == (2, classes)
+    conv = model.layer4[0].conv1
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert abs(float(conv.weight.std()) * (fan_out / 2) ** 0.5 - 1) < 0.05
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)

@@ -33,6 +33,7 @@ MODELS = {
     "mlp": ({"in_channels": 1, "input_size": 8, "hidden": (16, 8)}, (1, 8, 8)),
     "vit_tiny28": ({"in_channels": 1, "depth": 2}, (1, 28, 28)),
     "resnet18": ({}, (3, 32, 32)),
+    "resnet18_cifar": ({}, (3, 16, 16)),
     "mobilenet_v2": ({}, (3, 32, 32)),
     "vit_tiny_patch16_224": ({"depth": 2, "input_size": 32}, (3, 32, 32)),
 }

@@ -1,10 +1,13 @@
-"""CIFAR-style ResNets (resnet20/32/56) of He et al. 2016, with projection (option B) shortcuts."""
+"""CIFAR-style ResNets of He et al. 2016: resnet8/20/32/56 (3 stages, projection (option B)
+shortcuts) and resnet18/34/50_cifar (torchvision's ResNets with the CIFAR stem)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock as TVBasicBlock
+from torchvision.models.resnet import Bottleneck, ResNet
 
 from sobre.core.errors import ConfigError
 from sobre.models.registry import MODELS
@@ -128,3 +131,58 @@ def resnet32(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) ->
 def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
     """ResNet-56 for CIFAR (9 blocks per stage); see :class:`CifarResNet`."""
     return CifarResNet(56, num_classes, in_channels, width)
+
+
+class CifarStemResNet(ResNet):
+    """torchvision's ResNet with the CIFAR stem of the papers' CIFAR experiments: a 3x3 stride-1
+    ``conv1`` and no max pool, so ``layer1`` sees the full 32x32 image (the ImageNet stem's 7x7
+    stride-2 conv and max pool cut it to 8x8). Same module names as ``torchvision`` (``conv1``,
+    ``layer1``-``layer4``, ``fc``), so whatever handles torchvision's resnet18 handles it.
+
+    Args:
+        block: ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50).
+        layers: Blocks per stage.
+        num_classes: Number of outputs.
+        in_channels: Number of input channels.
+    """
+
+    def __init__(
+        self,
+        block: type[TVBasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int = 10,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__(block, layers, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """torchvision's scheme: Kaiming fan-out normal convs, unit-scale zero-shift BN, PyTorch's
+        default for ``fc``; :func:`~sobre.core.weights.fresh_weights` re-applies it."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+@MODELS.register("resnet18_cifar")
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarStemResNet:
+    """ResNet-18 with the CIFAR stem (11.17M parameters at 10 classes); see
+    :class:`CifarStemResNet`."""
+    return CifarStemResNet(TVBasicBlock, [2, 2, 2, 2], num_classes, in_channels)
+
+
+@MODELS.register("resnet34_cifar")
+def resnet34_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarStemResNet:
+    """ResNet-34 with the CIFAR stem; see :class:`CifarStemResNet`."""
+    return CifarStemResNet(TVBasicBlock, [3, 4, 6, 3], num_classes, in_channels)
+
+
+@MODELS.register("resnet50_cifar")
+def resnet50_cifar(num_classes: int = 10, in_channels: int = 3) -> CifarStemResNet:
+    """ResNet-50 (bottleneck blocks) with the CIFAR stem; see :class:`CifarStemResNet`."""
+    return CifarStemResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
