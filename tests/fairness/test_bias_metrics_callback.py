@@ -97,22 +97,15 @@ class _FolderLike(torch.utils.data.Dataset):
         return self.x[i], self.y[i], self.b[i]
 
 
-class _Data(pl.LightningDataModule):
-    def __init__(self, train: torch.utils.data.Dataset) -> None:
-        super().__init__()
-        self.train_dataset, self.test_set = train, _FolderLike(32, seed=1)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=16)
-
-
 def _test_average(tmp_path, train: torch.utils.data.Dataset) -> dict[str, float]:
     torch.manual_seed(0)
     routine = ClassificationRoutine(arch="small_cnn", arch_kwargs={"width": 4}, num_classes=2)
     trainer = make_trainer(
         tmp_path, max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[BiasMetrics()]
     )
-    return trainer.test(routine, datamodule=_Data(train), verbose=False)[0]
+    data = pl.LightningDataModule.from_datasets(test_dataset=_FolderLike(32, seed=1), batch_size=16)
+    data.train_dataset = train  # what BiasMetrics reads the training group proportions from
+    return trainer.test(routine, datamodule=data, verbose=False)[0]
 
 
 def test_average_reads_the_stored_labels_of_any_training_set(tmp_path, caplog) -> None:

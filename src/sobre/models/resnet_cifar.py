@@ -10,6 +10,7 @@ from torchvision.models.resnet import BasicBlock as TVBasicBlock
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from sobre.core.errors import ConfigError
+from sobre.models.init import kaiming_fan_out
 from sobre.models.registry import MODELS
 
 STAGE_CHANNELS: tuple[int, int, int] = (16, 32, 64)
@@ -92,11 +93,9 @@ class CifarResNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The model's init scheme: Kaiming fan-out normal convs (the rest: PyTorch defaults);
+        """The model's init scheme, :func:`~sobre.models.init.kaiming_fan_out`;
         :func:`~sobre.core.weights.fresh_weights` re-applies it."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_fan_out(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of shape ``(B, num_classes)``."""
@@ -159,14 +158,9 @@ class CifarStemResNet(ResNet):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """torchvision's scheme: Kaiming fan-out normal convs, unit-scale zero-shift BN, PyTorch's
-        default for ``fc``; :func:`~sobre.core.weights.fresh_weights` re-applies it."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """torchvision's ResNet scheme, :func:`~sobre.models.init.kaiming_fan_out`;
+        :func:`~sobre.core.weights.fresh_weights` re-applies it."""
+        kaiming_fan_out(self)
 
 
 @MODELS.register("resnet18_cifar")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sobre.core.errors import ConfigError
 from sobre.core.registry import check_choice
+from sobre.models.init import kaiming_fan_out
 from sobre.models.registry import MODELS
 
 WIDTHS = (16, 32, 64, 128)
@@ -90,14 +91,9 @@ class SimpleConvNet(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The model's init scheme: Kaiming fan-out normal convs, unit-scale zero-shift BN;
+        """The model's init scheme, :func:`~sobre.models.init.kaiming_fan_out`;
         :func:`~sobre.core.weights.fresh_weights` re-applies it."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_fan_out(self)
 
     def embed(self, x: Tensor) -> Tensor:
         """The 128-d embedding (pooled, normalised when ``normalize``)."""
