@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmark scripts: BN statistics, interleaved timing, the JSON result."""
+"""Helpers shared by the benchmark scripts: their common options, BN statistics, interleaved
+timing, the JSON result."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -13,6 +15,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+def timing_parser(
+    doc: str, out: Path, *, rounds: int, warmup: int, threads: int
+) -> argparse.ArgumentParser:
+    """A parser described by ``doc``'s first line with the options every timing script takes:
+    ``--rounds``, ``--warmup``, ``--threads`` and ``--out`` (the JSON result path)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds ({rounds})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds ({warmup})")
+    parser.add_argument("--threads", type=int, default=threads, help=f"CPU threads ({threads})")
+    parser.add_argument("--out", type=Path, default=out, help=f"JSON result path ({out.name})")
+    return parser
 
 
 def calibrate_bn(model: nn.Module, x: Tensor) -> nn.Module:

@@ -23,7 +23,6 @@ Usage: python benchmarks/compact_speed.py [--rounds 200] [--warmup 10] [--thread
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch_pruning as tp
-from common import machine_name, write_result
+from common import machine_name, timing_parser, write_result
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -158,11 +157,7 @@ def bench(key: str, rounds: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200, help="timed rounds (default 200)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds (default 10)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
+    parser = timing_parser(__doc__, RESULTS, rounds=200, warmup=10, threads=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

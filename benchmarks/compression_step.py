@@ -12,13 +12,12 @@ Usage: python benchmarks/compression_step.py [--rounds 20] [--warmup 5] [--threa
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import interleaved, write_result
+from common import interleaved, timing_parser, write_result
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -58,11 +57,7 @@ def real_inputs() -> dict[str, Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
+    parser = timing_parser(__doc__, RESULTS, rounds=20, warmup=5, threads=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -18,7 +18,6 @@ Usage: python benchmarks/ensemble_speed.py [--rounds 20] [--warmup 3] [--threads
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import interleaved, machine_name, write_result
+from common import interleaved, machine_name, timing_parser, write_result
 from torch import Tensor
 
 from sobre.core.measure import count_params
@@ -129,11 +128,7 @@ def bench(key: str, rounds: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
+    parser = timing_parser(__doc__, RESULTS, rounds=20, warmup=3, threads=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -25,7 +25,6 @@ Usage: python benchmarks/freezing_mechanisms.py [--rounds 30] [--warmup 3] [--th
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import interleaved, write_result
+from common import interleaved, timing_parser, write_result
 from torch import Tensor, nn
 
 from sobre.core.measure import saved_activation_bytes
@@ -102,11 +101,7 @@ def stepper(model: nn.Module, zero: list[tuple[Tensor, Tensor]], x: Tensor, y: T
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
+    parser = timing_parser(__doc__, RESULTS, rounds=30, warmup=3, threads=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = torch.randn(32, 64, 32, 32), torch.randint(0, 10, (32,))

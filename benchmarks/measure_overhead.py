@@ -12,7 +12,6 @@ Usage: python benchmarks/measure_overhead.py [--rounds 15] [--batch 32] [--threa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import statistics
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import machine_name, write_result
+from common import machine_name, timing_parser, write_result
 from torch import Tensor, nn
 
 from sobre.core.masks import attach_mask
@@ -102,12 +101,8 @@ def build_variants(base: nn.Module) -> list[Variant]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds (default 3)")
+    parser = timing_parser(__doc__, RESULTS, rounds=15, warmup=3, threads=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -14,14 +14,13 @@ Usage: python benchmarks/wasi_export.py [--weight-var 0.8] [--batch 256] [--roun
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import interleaved, write_result
+from common import interleaved, timing_parser, write_result
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -52,15 +51,11 @@ def fit(model: nn.Module, data: object, epochs: int, lr: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = timing_parser(__doc__, RESULTS, rounds=30, warmup=5, threads=1)
     parser.add_argument("--weight-var", type=float, default=0.8, help="WASI weight ε (0.8)")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--finetune", type=int, default=3, help="WASI epochs (default 3)")
     parser.add_argument("--batch", type=int, default=256, help="timed batch size (default 256)")
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON result path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
