@@ -30,6 +30,11 @@ def test_single_process_helpers_are_noops() -> None:
         assert out.data_ptr() != t.data_ptr()
         torch.testing.assert_close(out, t)
     torch.testing.assert_close(dist.all_reduce_mean(t), t)
+    parts = [torch.arange(6.0).reshape(2, 3), torch.tensor([7.0])]
+    summed = dist.all_reduce_sum_each(parts)
+    assert [p.shape for p in summed] == [(2, 3), (1,)]
+    for got, part in zip(summed, parts, strict=True):
+        assert torch.equal(got, part) and got.data_ptr() != part.data_ptr()
     mean_int = dist.all_reduce_mean(torch.tensor([2, 3]))
     assert mean_int.dtype.is_floating_point
     torch.testing.assert_close(mean_int, torch.tensor([2.0, 3.0]))

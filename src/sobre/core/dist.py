@@ -8,7 +8,7 @@ Process groups are created by Lightning or by the caller, never here.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -58,6 +58,14 @@ def _all_reduce(t: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Element-wise sum of ``t`` over all ranks (a copy of ``t`` outside distributed runs)."""
     return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_sum_each(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`all_reduce_sum` of several tensors of one dtype in a single collective (flattened
+    into one buffer); the sums come back in the tensors' own shapes."""
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view_as(t) for part, t in zip(parts, tensors, strict=True)]
 
 
 def all_reduce_mean(t: Tensor) -> Tensor:

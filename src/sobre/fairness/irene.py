@@ -155,9 +155,8 @@ class IRENE(BiasRegularizer):
         if not dist.is_distributed():
             return
         grads = [q.grad for q in self.head.parameters() if q.grad is not None]
-        mean = dist.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-        for g, m in zip(grads, mean.split([g.numel() for g in grads]), strict=True):
-            g.copy_(m.view_as(g))
+        for g, total in zip(grads, dist.all_reduce_sum_each(grads), strict=True):
+            g.copy_(total / dist.world_size())
 
     def head_step(self, z: Tensor, p: Tensor) -> Tensor:
         """``head_steps`` Adam steps of CE(g_φ(z.detach()), p); returns the last loss (detached).

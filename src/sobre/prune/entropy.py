@@ -325,18 +325,15 @@ class ActivationEntropy:
                 "reached by the model's forward?"
             )
         dev = next(iter(counts.values())).on.device  # type: ignore[union-attr]
-        parts = [t.reshape(-1).to(dev, torch.float64) for c in counts.values() for t in c.tensors()]
+        parts = [t.to(dev, torch.float64) for c in counts.values() for t in c.tensors()]
         totals = torch.tensor([samples, batches], device=dev, dtype=torch.float64)
-        flat = dist.all_reduce_sum(torch.cat([*parts, totals])).cpu()
+        *sums, totals = (t.cpu() for t in dist.all_reduce_sum_each([*parts, totals]))
         report = EntropyReport(
-            {}, {}, {}, self.neuron, self.estimator, int(flat[-2]), int(flat[-1])
+            {}, {}, {}, self.neuron, self.estimator, int(totals[0]), int(totals[1])
         )
-        offset = 0
+        reduced = iter(sums)
         for name, c in counts.items():
-            chunks = []
-            for t in c.tensors():
-                chunks.append(flat[offset : offset + t.numel()])
-                offset += t.numel()
+            chunks = [next(reduced).reshape(-1) for _ in c.tensors()]
             on, seen, nb = chunks[0], chunks[-1][0], chunks[-1][1]
             p = (on / seen).reshape(c.shape)
             if self.estimator == "dataset":
